@@ -1,0 +1,1 @@
+"""The node's front: client protocol, router, client library and CLI."""

@@ -1,0 +1,37 @@
+# Sourced by scripts/node, scripts/test, scripts/bench, scripts/soak.
+# Creates .venv at the repo root on first use and (re)installs the project only when
+# pyproject.toml changed, so a second start costs no pip call.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+
+bootstrap_venv() {
+    local extras="${1:-}"
+    local stamp="$VENV/.shardkv-installed${extras:+-$extras}"
+    local want
+    want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+    if [ ! -x "$PY" ]; then
+        echo "[bootstrap] creating $VENV" >&2
+        python3 -m venv "$VENV"
+    fi
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        echo "[bootstrap] installing shardkv${extras:+[$extras]} into .venv" >&2
+        "$PY" -m pip install --quiet --disable-pip-version-check -e "$ROOT${extras:+[$extras]}" >&2
+        echo "$want" > "$stamp"
+    fi
+}
+
+# Installs Debian packages only when a command is missing (root, as on CI).
+ensure_debian_package() {
+    local cmd="$1" pkg="$2"
+    if command -v "$cmd" >/dev/null 2>&1; then return 0; fi
+    echo "[bootstrap] installing Debian package $pkg (for $cmd)" >&2
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$pkg" >&2
+    # Debian starts the packaged service; our tests run their own instances.
+    $sudo systemctl stop "$pkg" >/dev/null 2>&1 || true
+    $sudo service "$pkg" stop >/dev/null 2>&1 || true
+}

@@ -1,0 +1,1 @@
+"""Process management, configuration and the metrics endpoint."""
