@@ -1,0 +1,259 @@
+"""`shardkv`: command line for a running node.
+
+    shardkv [--endpoint E] [--timeout S] [--hex] COMMAND ...
+      ping
+      get KEY...                      one line per key: KEY<TAB>VALUE<TAB>VERSION ("(nil)" if absent)
+      put KEY VALUE                   prints the commit_ts
+      delete KEY                      prints the commit_ts
+      scan [--prefix P] [--start S] [--end E] [--limit N] [--at TS]
+      stats                           per-shard and node table
+      checkpoint create [NAME] | checkpoint list | checkpoint delete NAME
+      flush | prune [--keep N] | block HEIGHT
+
+Keys and values on the command line are UTF-8 text, or hex with --hex. Output shows a
+key or value as text when it is valid, printable UTF-8, and otherwise as 0x<hex>.
+Exit status: 0 ok, 1 error reply / node unreachable (one line on stderr), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import zmq
+
+from node.client import DEFAULT_ENDPOINT, Client, ShardKVError
+from shard import histogram
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+def show(data: bytes | None) -> str:
+    """Printable UTF-8 as text, anything else as 0x<hex>."""
+    if data is None:
+        return "(nil)"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "0x" + data.hex()
+    if text and not text.isprintable():
+        return "0x" + data.hex()
+    return text
+
+
+def parse_arg(text: str, hex_mode: bool) -> bytes:
+    if not hex_mode:
+        return text.encode("utf-8", "surrogateescape")
+    digits = text[2:] if text.lower().startswith("0x") else text
+    try:
+        return bytes.fromhex(digits)
+    except ValueError:
+        raise UsageError(f"not hex: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardkv", description="Talk to a shardkv node.",
+                                epilog="Values print as UTF-8 text when printable, else 0x<hex>.")
+    p.add_argument("--endpoint", "-e", default=os.environ.get("SHARDKV_ENDPOINT", DEFAULT_ENDPOINT),
+                   help=f"node endpoint (default $SHARDKV_ENDPOINT or {DEFAULT_ENDPOINT})")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
+    p.add_argument("--hex", action="store_true", help="KEY/VALUE arguments are hex")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("ping", help="check the node answers")
+    g = sub.add_parser("get", help="read keys")
+    g.add_argument("keys", nargs="+", metavar="KEY")
+    g.add_argument("--at", type=int, help="read at this commit_ts")
+    s = sub.add_parser("put", help="write one key")
+    s.add_argument("key", metavar="KEY")
+    s.add_argument("value", metavar="VALUE")
+    d = sub.add_parser("delete", help="delete one key")
+    d.add_argument("key", metavar="KEY")
+    sc = sub.add_parser("scan", help="list live keys in order")
+    sc.add_argument("--prefix")
+    sc.add_argument("--start")
+    sc.add_argument("--end")
+    sc.add_argument("--limit", type=int, default=1000, help="at most this many items (default 1000)")
+    sc.add_argument("--at", type=int, help="scan at this commit_ts")
+    sub.add_parser("stats", help="per-shard and node statistics")
+    c = sub.add_parser("checkpoint", help="create, list or delete checkpoints")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cc = csub.add_parser("create")
+    cc.add_argument("name", nargs="?", metavar="NAME")
+    csub.add_parser("list")
+    cd = csub.add_parser("delete")
+    cd.add_argument("name", metavar="NAME")
+    sub.add_parser("flush", help="flush every shard now")
+    pr = sub.add_parser("prune", help="drop old versions")
+    pr.add_argument("--keep", type=int, help="versions to keep per key (default: node config)")
+    b = sub.add_parser("block", help="mark the end of a block")
+    b.add_argument("height", type=int, metavar="HEIGHT")
+    return p
+
+
+def run(args: argparse.Namespace, kv: Client, out) -> None:
+    arg = lambda text: parse_arg(text, args.hex)  # noqa: E731
+    cmd = args.command
+    if cmd == "ping":
+        r = kv.ping()
+        print(f"pong: protocol {r.get('version')}, {r.get('shards')} shards, ts {r.get('ts')}", file=out)
+    elif cmd == "get":
+        result = kv.get([arg(k) for k in args.keys], at=args.at)
+        for key, value, version in result:
+            print(f"{show(key)}\t{show(value)}\t{version}", file=out)
+    elif cmd == "put":
+        print(f"commit_ts {kv.put(arg(args.key), arg(args.value))}", file=out)
+    elif cmd == "delete":
+        print(f"commit_ts {kv.delete(arg(args.key))}", file=out)
+    elif cmd == "scan":
+        run_scan(args, kv, out, arg)
+    elif cmd == "stats":
+        out.write(format_stats(kv.stats()))
+    elif cmd == "checkpoint":
+        if args.action == "create":
+            r = kv.checkpoint_create(args.name)
+            print(f"checkpoint {r['name']} at ts {r['ts']}, block {r['block']}", file=out)
+        elif args.action == "list":
+            out.write(format_checkpoints(kv.checkpoint_list()))
+        else:
+            kv.checkpoint_delete(args.name)
+            print(f"deleted checkpoint {args.name}", file=out)
+    elif cmd == "flush":
+        r = kv.flush()
+        print(f"flushed at ts {r['flush_ts']}: {r['keys']} keys, {r['bytes']} bytes", file=out)
+    elif cmd == "prune":
+        print(f"removed {kv.prune(args.keep)} versions", file=out)
+    elif cmd == "block":
+        r = kv.block(args.height)
+        print(f"block {r['height']}{' (flushed)' if r.get('flushed') else ''}", file=out)
+
+
+def run_scan(args, kv: Client, out, arg) -> None:
+    if args.limit < 1:
+        raise UsageError("--limit must be >= 1")
+    start = arg(args.start) if args.start is not None else None
+    end = arg(args.end) if args.end is not None else None
+    prefix = arg(args.prefix) if args.prefix is not None else None
+    shown = 0
+    items = kv.scan_iter(start, end, prefix, page=min(args.limit, 1000), at=args.at)
+    for key, value, version in items:
+        if shown == args.limit:
+            print(f"(more after {show(key)}; raise --limit or use --start)", file=sys.stderr)
+            break
+        print(f"{show(key)}\t{show(value)}\t{version}", file=out)
+        shown += 1
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [headers] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines) + "\n"
+
+
+def _ms(value) -> str | None:
+    return None if value is None else f"{float(value):.2f}"
+
+
+def _txn_counts(shard: dict) -> tuple[int, int, int]:
+    txn = shard.get("txn") or {}
+    committed = shard.get("txn_committed", txn.get("committed", 0)) or 0
+    conflict = shard.get("txn_conflict", txn.get("conflict", 0)) or 0
+    error = shard.get("txn_error", txn.get("error", 0)) or 0
+    return committed, conflict, error
+
+
+def _success(committed: int, conflict: int, error: int) -> str | None:
+    total = committed + conflict + error
+    return None if total == 0 else f"{100.0 * committed / total:.1f}%"
+
+
+def _node_latency(shards: list[dict]) -> list:
+    """Node P50/P90/P99: the shards' commit-latency histograms merged, when present."""
+    merged = None
+    for s in shards:
+        snap = s.get("commit_latency")
+        if not snap:
+            continue
+        try:
+            merged = snap if merged is None else histogram.merge(merged, snap)
+        except (ValueError, KeyError, TypeError):
+            return [None, None, None]
+    if merged is None or not merged.get("count"):
+        return [None, None, None]
+    return [_ms(histogram.quantile(merged, q) * 1000.0) for q in (0.5, 0.9, 0.99)]
+
+
+def format_stats(stats: dict) -> str:
+    shards = [s for s in stats.get("shards") or [] if isinstance(s, dict)]
+    node = stats.get("node") or {}
+    headers = ["shard", "pid", "up", "tps", "success", "p50_ms", "p90_ms", "p99_ms",
+               "keys", "versions", "flushes", "keys_flushed", "bytes_flushed", "last_flush_ts"]
+    rows = []
+    totals = {"tps": 0.0, "keys": 0, "versions": 0, "flushes": 0, "kf": 0, "bf": 0,
+              "committed": 0, "conflict": 0, "error": 0}
+    for s in shards:
+        flush = s.get("flush") or {}
+        committed, conflict, error = _txn_counts(s)
+        rows.append([s.get("shard"), s.get("pid"), "yes" if s.get("up", True) else "NO",
+                     f"{float(s.get('tps') or 0):.1f}", _success(committed, conflict, error),
+                     _ms(s.get("latency_p50_ms")), _ms(s.get("latency_p90_ms")),
+                     _ms(s.get("latency_p99_ms")), s.get("keys"), s.get("versions"),
+                     flush.get("flush_count"), flush.get("keys_flushed"),
+                     flush.get("bytes_flushed"), flush.get("last_flush_ts")])
+        totals["tps"] += float(s.get("tps") or 0)
+        for name, value in (("keys", s.get("keys")), ("versions", s.get("versions")),
+                            ("flushes", flush.get("flush_count")), ("kf", flush.get("keys_flushed")),
+                            ("bf", flush.get("bytes_flushed"))):
+            totals[name] += int(value or 0)
+        totals["committed"] += committed
+        totals["conflict"] += conflict
+        totals["error"] += error
+    rows.append(["node", node.get("router_pid"), "yes" if all(s.get("up", True) for s in shards) else "NO",
+                 f"{totals['tps']:.1f}", _success(totals["committed"], totals["conflict"], totals["error"]),
+                 *_node_latency(shards), totals["keys"], totals["versions"], totals["flushes"],
+                 totals["kf"], totals["bf"], None])
+    text = _table(headers, rows)
+    extra = {k: v for k, v in node.items() if isinstance(v, (int, float, str, bool)) and v is not None}
+    if extra:
+        text += "\n" + "\n".join(f"{k}: {v}" for k, v in sorted(extra.items())) + "\n"
+    return text
+
+
+def format_checkpoints(checkpoints: list[dict]) -> str:
+    if not checkpoints:
+        return "(no checkpoints)\n"
+    rows = []
+    for c in checkpoints:
+        created = c.get("created_at")
+        when = (datetime.datetime.fromtimestamp(created).isoformat(sep=" ", timespec="seconds")
+                if isinstance(created, (int, float)) else None)
+        rows.append([c.get("name"), c.get("ts"), c.get("block"), when, c.get("bytes")])
+    return _table(["name", "ts", "block", "created", "bytes"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)   # exits 2 on a usage error
+    try:
+        with Client(args.endpoint, timeout=args.timeout) as kv:
+            run(args, kv, sys.stdout)
+    except UsageError as exc:
+        print(f"shardkv: usage error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ShardKVError as exc:
+        print(f"shardkv: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (OSError, ValueError, zmq.ZMQError) as exc:
+        print(f"shardkv: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The aggregated metrics: every PROTOCOL.md series, counter carry-over across shard
+restarts, scrapes that survive dead pids and bad snapshots, /healthz, a real HTTP scrape."""
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from supervisor.http import start_metrics_server
+from supervisor.metrics import MetricsState, make_registry
+
+# PROTOCOL.md "Metrics": name -> (type, label names). The contract with operators.
+PROTOCOL_SERIES = {
+    "shardkv_txn": ("counter", {"shard", "result"}),
+    "shardkv_txn_duration_seconds": ("histogram", {"shard"}),
+    "shardkv_request_duration_seconds": ("histogram", {"op"}),
+    "shardkv_keys": ("gauge", {"shard"}),
+    "shardkv_versions": ("gauge", {"shard"}),
+    "shardkv_flush": ("counter", {"shard"}),
+    "shardkv_flush_keys": ("counter", {"shard"}),
+    "shardkv_flush_bytes": ("counter", {"shard"}),
+    "shardkv_last_flush_timestamp_seconds": ("gauge", {"shard"}),
+    "shardkv_last_flush_block": ("gauge", {"shard"}),
+    "shardkv_pruned_versions": ("counter", {"shard"}),
+    "shardkv_block_height": ("gauge", set()),
+    "shardkv_commit_ts": ("gauge", set()),
+    "shardkv_shard_up": ("gauge", {"shard"}),
+    "shardkv_shard_restarts": ("counter", {"shard"}),
+    "shardkv_process_resident_memory_bytes": ("gauge", {"component", "shard"}),
+    "shardkv_process_cpu_seconds": ("counter", {"component", "shard"}),
+    "shardkv_rocksdb_live_sst_bytes": ("gauge", {"shard"}),
+    "shardkv_rocksdb_estimated_keys": ("gauge", {"shard"}),
+}
+
+BOUNDS = [5e-05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+          0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+def shard_snapshot(shard, inc="inc-a", committed=10, counts=None, flushes=2, pid=None):
+    counts = counts or [1] + [0] * (len(BOUNDS) - 1) + [0]
+    return {
+        "role": "shard", "shard": shard, "pid": pid or os.getpid(), "inc": inc, "ts": 1.0,
+        "keys": 100, "versions": 250, "horizon": 7, "max_ts": 99, "block_height": 4, "prepared": 0,
+        "txn": {"committed": committed, "conflict": 3, "error": 1},
+        "twopc": {"prepared": 5, "committed": 4, "aborted": 1},
+        "commit_latency": {"bounds": BOUNDS, "counts": counts, "sum": 0.01 * sum(counts),
+                           "count": sum(counts)},
+        "tps": 12.5, "latency_p50_ms": 0.2, "latency_p90_ms": 0.5, "latency_p99_ms": 2.0,
+        "flush": {"flush_count": flushes, "keys_flushed": 40, "bytes_flushed": 4000,
+                  "last_flush_ts": 1700000000.0, "last_flush_block": 3,
+                  "last_duration_secs": 0.02, "seconds_total": 0.05},
+        "prune": {"prune_count": 1, "versions_removed": 17, "last_duration_secs": 0.01,
+                  "seconds_total": 0.01},
+        "batch_writer": {"chunk_size": 5000},
+        "rocksdb": {"live_sst_bytes": 123456, "estimated_keys": 90,
+                    "pending_compaction_bytes": 0, "memtable_bytes": 2048},
+    }
+
+
+def router_snapshot(inc="r-1", gets=4):
+    hist = {"bounds": BOUNDS, "counts": [gets] + [0] * len(BOUNDS), "sum": 0.001, "count": gets}
+    return {
+        "role": "router", "pid": os.getpid(), "inc": inc, "ts": 1.0, "commit_ts": 120,
+        "block_height": 4,
+        "requests": {"get": hist, "txn": dict(hist)},
+        "requests_total": {"get": {"ok": gets}, "txn": {"ok": 3, "conflict": 1}},
+        "twopc": {"committed": 4, "aborted": 1},
+        "shards_up": {0: True, 1: True},
+    }
+
+
+def full_state(shards=2):
+    state = MetricsState(shard_count=shards, memory_budget_versions=2_000_000)
+    state.set_supervisor_pid(os.getpid())
+    state.set_child("router", None, os.getpid(), True, 0)
+    state.update("router", None, router_snapshot())
+    for i in range(shards):
+        state.set_child("shard", i, os.getpid(), True, 0)
+        state.update("shard", i, shard_snapshot(i))
+    return state
+
+
+def scrape(state):
+    text = generate_latest(make_registry(state)).decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample(families, name, sample_name=None, **labels):
+    family = families[name]
+    found = [s.value for s in family.samples
+             if s.name == (sample_name or name) and all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(found) == 1, (name, labels, family.samples)
+    return found[0]
+
+
+def test_every_protocol_series_exists_with_its_type_and_labels():
+    families = scrape(full_state())
+    for name, (kind, labels) in PROTOCOL_SERIES.items():
+        assert name in families, name
+        family = families[name]
+        assert family.type == kind, (name, family.type)
+        assert family.samples, f"{name} has no samples"
+        for s in family.samples:
+            assert set(s.labels) - {"le"} == labels, (name, s.labels)
+    # per-shard series use the stable shard id, never a pid
+    assert {s.labels["shard"] for s in families["shardkv_keys"].samples} == {"0", "1"}
+    components = {(s.labels["component"], s.labels["shard"])
+                  for s in families["shardkv_process_resident_memory_bytes"].samples}
+    assert components == {("supervisor", ""), ("router", ""), ("shard", "0"), ("shard", "1")}
+
+
+def test_values_come_from_the_snapshots():
+    f = scrape(full_state())
+    assert sample(f, "shardkv_txn", "shardkv_txn_total", shard="0", result="conflict") == 3
+    assert sample(f, "shardkv_flush_bytes", "shardkv_flush_bytes_total", shard="1") == 4000
+    assert sample(f, "shardkv_last_flush_timestamp_seconds", shard="0") == 1700000000.0
+    assert sample(f, "shardkv_commit_ts") == 120
+    assert sample(f, "shardkv_memory_budget_versions") == 2_000_000
+    assert sample(f, "shardkv_requests", "shardkv_requests_total", op="txn", result="conflict") == 1
+    assert sample(f, "shardkv_shard_up", shard="1") == 1
+
+
+def test_histogram_buckets_are_cumulative_and_resolve_50us_to_10s():
+    state = full_state(shards=1)
+    counts = [0] * (len(BOUNDS) + 1)
+    counts[0], counts[4], counts[-2], counts[-1] = 2, 3, 1, 1     # 50us, 1ms, 10s, overflow
+    state.update("shard", 0, shard_snapshot(0, counts=counts))
+    f = scrape(state)
+    bucket = lambda le: sample(f, "shardkv_txn_duration_seconds", "shardkv_txn_duration_seconds_bucket",
+                               shard="0", le=le)
+    assert bucket("5e-05") == 2
+    assert bucket("0.001") == 5
+    assert bucket("10.0") == 6
+    assert bucket("+Inf") == 7
+    assert sample(f, "shardkv_txn_duration_seconds", "shardkv_txn_duration_seconds_count", shard="0") == 7
+
+
+def test_counters_carry_over_a_new_incarnation():
+    state = full_state(shards=1)
+    one = [1] + [0] * len(BOUNDS)
+    state.update("shard", 0, shard_snapshot(0, inc="inc-a", committed=10, counts=one, flushes=2))
+    state.update("shard", 0, shard_snapshot(0, inc="inc-b", committed=3, counts=one, flushes=1))
+    f = scrape(state)
+    assert sample(f, "shardkv_txn", "shardkv_txn_total", shard="0", result="committed") == 13
+    assert sample(f, "shardkv_flush", "shardkv_flush_total", shard="0") == 3
+    name = "shardkv_txn_duration_seconds"
+    assert sample(f, name, name + "_bucket", shard="0", le="5e-05") == 2
+    assert sample(f, name, name + "_count", shard="0") == 2
+    assert sample(f, name, name + "_sum", shard="0") == pytest.approx(0.02)
+    # later snapshots of the same incarnation replace, not add
+    state.update("shard", 0, shard_snapshot(0, inc="inc-b", committed=5, counts=one, flushes=1))
+    f = scrape(state)
+    assert sample(f, "shardkv_txn", "shardkv_txn_total", shard="0", result="committed") == 15
+    # gauges are the current incarnation's, not summed
+    assert sample(f, "shardkv_keys", shard="0") == 100
+
+
+def test_router_counters_carry_over_a_router_restart():
+    state = full_state(shards=1)
+    state.update("router", None, router_snapshot(inc="r-2", gets=1))
+    f = scrape(state)
+    assert sample(f, "shardkv_requests", "shardkv_requests_total", op="get", result="ok") == 5
+    name = "shardkv_request_duration_seconds"
+    assert sample(f, name, name + "_count", op="get") == 5
+
+
+def test_a_dead_pid_and_a_down_shard_do_not_break_the_scrape():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    state = full_state()
+    state.set_child("shard", 1, dead.pid, False, 2)
+    f = scrape(state)
+    assert sample(f, "shardkv_shard_up", shard="1") == 0
+    assert sample(f, "shardkv_shard_restarts", "shardkv_shard_restarts_total", shard="1") == 2
+    # the last snapshot is still served
+    assert sample(f, "shardkv_keys", shard="1") == 100
+    rss = {s.labels["shard"] for s in f["shardkv_process_resident_memory_bytes"].samples
+           if s.labels["component"] == "shard"}
+    assert rss == {"0"}
+    # even when the supervisor still believes the dead pid is up
+    state.set_child("shard", 1, dead.pid, True, 2)
+    assert sample(scrape(state), "shardkv_shard_up", shard="1") == 1
+
+
+def test_cpu_seconds_do_not_go_back_when_a_shard_gets_a_new_pid():
+    state = full_state(shards=1)
+    registry = make_registry(state)
+
+    def cpu():
+        text = generate_latest(registry).decode()
+        f = {m.name: m for m in text_string_to_metric_families(text)}
+        return sample(f, "shardkv_process_cpu_seconds", "shardkv_process_cpu_seconds_total",
+                      component="shard", shard="0")
+    before = cpu()                       # this test process: well above zero
+    assert before > 0
+    fresh = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        state.set_child("shard", 0, fresh.pid, True, 1)
+        assert cpu() >= before
+    finally:
+        fresh.kill()
+        fresh.wait()
+
+
+def test_bad_snapshots_are_skipped_without_breaking_the_scrape():
+    state = full_state(shards=2)
+    state.update("shard", 0, {"role": "shard", "inc": "x", "keys": "many", "txn": {"committed": None},
+                              "commit_latency": {"bounds": "nope", "counts": [1, "a"], "sum": "s"},
+                              "flush": [], "rocksdb": {"live_sst_bytes": float("nan")}})
+    state.update("shard", 1, "not a dict")
+    state.update("shard", -3, shard_snapshot(0))
+    state.update("router", None, {"requests": {"get": 5}, "requests_total": {"get": 7}, "shards_up": []})
+    state.update("bogus", 0, shard_snapshot(0))
+    f = scrape(state)
+    assert not [s for s in f["shardkv_keys"].samples if s.labels["shard"] == "0"]
+    assert sample(f, "shardkv_keys", shard="1") == 100
+    assert sample(f, "shardkv_shard_up", shard="0") == 1
+
+
+def test_a_configured_shard_that_never_reported_is_down():
+    state = MetricsState(shard_count=3)
+    state.set_child("router", None, os.getpid(), True, 0)
+    state.set_child("shard", 0, os.getpid(), True, 0)
+    assert state.down_parts() == ["shard 1", "shard 2"]
+    assert not state.healthy()
+    f = scrape(state)
+    assert sample(f, "shardkv_shard_up", shard="2") == 0
+
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode(), r.headers.get("Content-Type")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), e.headers.get("Content-Type")
+
+
+@pytest.fixture
+def served():
+    state = full_state()
+    server = start_metrics_server("127.0.0.1", 0, state)
+    yield state, f"http://127.0.0.1:{server.port}"
+    server.shutdown()
+
+
+def test_http_serves_metrics_and_healthz(served):
+    state, base = served
+    status, body, ctype = get(base + "/metrics")
+    assert status == 200 and ctype.startswith("text/plain")
+    families = {f.name for f in text_string_to_metric_families(body)}
+    assert set(PROTOCOL_SERIES) <= families
+    assert get(base + "/healthz")[:2] == (200, "ok\n")
+
+    state.set_child("shard", 1, None, False, 1)
+    status, body, _ = get(base + "/healthz")
+    assert status == 503 and "shard 1" in body and "router" not in body
+    state.set_child("router", None, None, False, 0)
+    assert "router" in get(base + "/healthz")[1]
+    # still scrapable while parts are down
+    assert get(base + "/metrics")[0] == 200
+    assert get(base + "/nope")[0] == 404
+
+
+def test_shutdown_releases_the_port():
+    state = full_state()
+    server = start_metrics_server("127.0.0.1", 0, state)
+    port = server.port
+    assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    server.shutdown()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    again = start_metrics_server("127.0.0.1", port, state)   # rebinding works
+    again.shutdown()
