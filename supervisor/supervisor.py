@@ -58,6 +58,7 @@ class Supervisor:
         self.wakeup_r = self.wakeup_w = -1
         self.metrics = observability.make_metrics_state(config)
         self.metrics_url: str | None = None
+        self.metrics_server = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -70,7 +71,7 @@ class Supervisor:
         except (HaltError, datadir.DataDirError, restore.RestoreError) as exc:
             log.error("%s", exc)
             self.exit_code = 1
-        except OSError as exc:
+        except OSError as exc:   # e.g. a port in use: the message names it
             log.error("cannot start: %s", exc)
             self.exit_code = 1
         finally:
@@ -91,7 +92,8 @@ class Supervisor:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.bind(f"ipc://{self.run_dir}/supervisor.sock")
-        self.metrics_url = observability.start_metrics_server(self.config, self.metrics)
+        self.metrics_url, self.metrics_server = observability.start_metrics_server(
+            self.config, self.metrics)
         self.install_signals()
         self.poller = zmq.Poller()
         self.poller.register(self.pull, zmq.POLLIN)
@@ -131,6 +133,7 @@ class Supervisor:
                 except ChildProcessError:
                     pass
                 child.exited(0)
+        observability.stop_metrics_server(self.metrics_server)
         if self.wakeup_w >= 0:
             signal.set_wakeup_fd(-1)
             os.close(self.wakeup_r)
