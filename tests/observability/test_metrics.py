@@ -97,6 +97,10 @@ def test_counters_carry_over_a_new_incarnation():
     assert sample(f, "shardkv_txn", "shardkv_txn_total", shard="0", result="committed") == 15
     # gauges are the current incarnation's, not summed
     assert sample(f, "shardkv_keys", shard="0") == 100
+    # a late snapshot of the dead incarnation changes nothing
+    state.update("shard", 0, shard_snapshot(0, inc="inc-a", committed=10, counts=one, flushes=2))
+    f = scrape(state)
+    assert sample(f, "shardkv_txn", "shardkv_txn_total", shard="0", result="committed") == 15
 
 
 def test_router_counters_carry_over_a_router_restart():
