@@ -125,6 +125,7 @@ class ChildEntry:
     received: float = 0.0          # time.time() of the last snapshot
     inc: object = None             # incarnation of the last snapshot
     base: dict = field(default_factory=dict)     # carried over from earlier incarnations
+    retired: set = field(default_factory=set)    # incarnations already carried over
     current: dict = field(default_factory=dict)  # counters of the current incarnation
 
     def totals(self) -> dict:
@@ -201,8 +202,12 @@ class MetricsState:
             if entry is None:
                 return
             inc = snapshot.get("inc")
+            if inc is not None and inc in entry.retired:
+                return      # a late message from a dead incarnation: already counted
             if entry.snapshot and self._is_new_incarnation(entry, inc, counters):
                 entry.base = entry.totals()
+                if entry.inc is not None:
+                    entry.retired.add(entry.inc)
             entry.current = counters
             entry.inc = inc
             entry.snapshot = snapshot
