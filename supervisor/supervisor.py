@@ -29,6 +29,7 @@ from supervisor.children import EX_CONFIG, Child, describe_exit
 log = logging.getLogger("shardkv.supervisor")
 
 POLL_MAX_SECS = 0.25
+IPC_DIR_MAX = 80   # leaves room for "/shard-<i>.sock" within the 107-byte socket path limit
 
 
 class HaltError(RuntimeError):
@@ -87,6 +88,9 @@ class Supervisor:
         datadir.check_shard_count(self.data_dir, self.shard_count)
         restore.finish_interrupted(self.data_dir)
         self.run_dir = tempfile.mkdtemp(prefix="shardkv-")   # mode 0700
+        if len(self.run_dir) > IPC_DIR_MAX:   # ipc:// paths are limited to ~107 bytes
+            os.rmdir(self.run_dir)
+            self.run_dir = tempfile.mkdtemp(prefix="shardkv-", dir="/tmp")
         log.info("run dir %s", self.run_dir)
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
