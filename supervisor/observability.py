@@ -42,16 +42,25 @@ def make_metrics_state(config: dict):
     return state
 
 
-def start_metrics_server(config: dict, state) -> str | None:
-    """Serve /metrics and /healthz; returns the URL, or None when off or not available."""
+def start_metrics_server(config: dict, state):
+    """Serve /metrics and /healthz; returns (url, server), or (None, None) when off."""
     host, port = config["node"]["metrics_host"], config["node"]["metrics_port"]
     if port == 0:
-        return None
+        return None, None
     try:
         from supervisor.http import start_metrics_server as start
     except ImportError:
         log.warning("metrics server not available in this build; /metrics is off")
-        return None
-    start(host, port, state)   # raises OSError when the port is taken: a boot failure
+        return None, None
+    try:
+        server = start(host, port, state)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {host}:{port} (node.metrics_port): "
+                      f"{exc.strerror or exc}") from None
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
+    return f"http://{shown}:{port}", server
+
+
+def stop_metrics_server(server) -> None:
+    if server is not None and hasattr(server, "shutdown"):
+        server.shutdown()

@@ -29,6 +29,7 @@ from supervisor.children import EX_CONFIG, Child, describe_exit
 log = logging.getLogger("shardkv.supervisor")
 
 POLL_MAX_SECS = 0.25
+IPC_DIR_MAX = 80   # leaves room for "/shard-<i>.sock" within the 107-byte socket path limit
 
 
 class HaltError(RuntimeError):
@@ -58,6 +59,7 @@ class Supervisor:
         self.wakeup_r = self.wakeup_w = -1
         self.metrics = observability.make_metrics_state(config)
         self.metrics_url: str | None = None
+        self.metrics_server = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -70,7 +72,7 @@ class Supervisor:
         except (HaltError, datadir.DataDirError, restore.RestoreError) as exc:
             log.error("%s", exc)
             self.exit_code = 1
-        except OSError as exc:
+        except OSError as exc:   # e.g. a port in use: the message names it
             log.error("cannot start: %s", exc)
             self.exit_code = 1
         finally:
@@ -86,12 +88,16 @@ class Supervisor:
         datadir.check_shard_count(self.data_dir, self.shard_count)
         restore.finish_interrupted(self.data_dir)
         self.run_dir = tempfile.mkdtemp(prefix="shardkv-")   # mode 0700
+        if len(self.run_dir) > IPC_DIR_MAX:   # ipc:// paths are limited to ~107 bytes
+            os.rmdir(self.run_dir)
+            self.run_dir = tempfile.mkdtemp(prefix="shardkv-", dir="/tmp")
         log.info("run dir %s", self.run_dir)
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.bind(f"ipc://{self.run_dir}/supervisor.sock")
-        self.metrics_url = observability.start_metrics_server(self.config, self.metrics)
+        self.metrics_url, self.metrics_server = observability.start_metrics_server(
+            self.config, self.metrics)
         self.install_signals()
         self.poller = zmq.Poller()
         self.poller.register(self.pull, zmq.POLLIN)
@@ -131,6 +137,7 @@ class Supervisor:
                 except ChildProcessError:
                     pass
                 child.exited(0)
+        observability.stop_metrics_server(self.metrics_server)
         if self.wakeup_w >= 0:
             signal.set_wakeup_fd(-1)
             os.close(self.wakeup_r)
