@@ -196,8 +196,8 @@ def test_bank_transfers_survive_sigkill_of_a_shard_the_router_and_the_whole_tree
         assert node.metric("shardkv_router_restarts_total") == 1
         assert node.metric('shardkv_shard_restarts_total{shard="1"}') == 1
 
-        children = [c.pid for c in proc.children()]
-        os.killpg(proc.pid, signal.SIGKILL)             # supervisor and every child at once
+        children = proc.kill_tree()                     # supervisor and every child at once
+        assert len(children) == 3
         proc.wait_exit()
         node.start()
         progress(30, "after the whole tree was killed and started again")
