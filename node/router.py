@@ -35,7 +35,7 @@ from node.protocol import Limits, ProtocolError, decode_request, encode_error, e
 from node.timestamps import TimestampOracle
 from shard import messages as m
 from shard.histogram import Histogram
-from shard.worker import EXIT_FATAL, SignalPipe, SupervisorLink, parse_spec, set_parent_death_signal
+from shard.worker import EXIT_FATAL, ProcessProfile, SignalPipe, SupervisorLink, parse_spec, set_parent_death_signal
 
 MAX_DRAIN = 1024        # client frames taken per loop pass
 POLL_MS = 20
@@ -186,6 +186,10 @@ class Router:
         self.poller.register(self.signals.r, zmq.POLLIN)
 
     def run(self) -> int:
+        with ProcessProfile("router"):
+            return self.run_loop()
+
+    def run_loop(self) -> int:
         self.boot()
         grace_deadline = None
         while True:

@@ -94,6 +94,39 @@ class SignalPipe:
         return got
 
 
+class ProcessProfile:
+    """Opt-in cProfile of a whole child process: with SHARDKV_PROFILE_DIR set, the stats
+    are dumped to <dir>/<name>-<pid>.prof on graceful exit (open with `python -m pstats`).
+    SHARDKV_PROFILE_CLOCK=cpu times functions in process CPU time instead of wall time,
+    which keeps a profile meaningful on a loaded machine (waits drop out)."""
+
+    ENV = "SHARDKV_PROFILE_DIR"
+    CLOCK_ENV = "SHARDKV_PROFILE_CLOCK"
+
+    def __init__(self, name: str):
+        self.name = name
+        self.dir = os.environ.get(self.ENV) or None
+        self.profiler = None
+
+    def __enter__(self):
+        if self.dir:
+            import cProfile
+            cpu = os.environ.get(self.CLOCK_ENV) == "cpu"
+            self.profiler = cProfile.Profile(time.process_time) if cpu else cProfile.Profile()
+            self.profiler.enable()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.profiler is None:
+            return
+        self.profiler.disable()
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            self.profiler.dump_stats(os.path.join(self.dir, f"{self.name}-{os.getpid()}.prof"))
+        except OSError as exc:
+            sys.stderr.write(f"{self.name}: cannot write profile: {exc}\n")
+
+
 def parse_spec(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True, help="JSON child spec from the supervisor")
@@ -174,10 +207,11 @@ class ShardWorker:
         self.status.send("ready")
 
     def run(self) -> int:
-        self.boot()
-        while not self.stopping:
-            self.loop_pass()
-        self.shutdown()
+        with ProcessProfile(f"shard{self.shard}"):
+            self.boot()
+            while not self.stopping:
+                self.loop_pass()
+            self.shutdown()
         return 0
 
     def shutdown(self) -> None:
