@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus")
 
 
-def dashboard_queries(rate_interval: str = "15s") -> list[tuple[str, str]]:
+def dashboard_queries(rate_interval: str = "15s", shard: str = ".*") -> list[tuple[str, str]]:
     """(panel title, expr) for every target of the Grafana dashboard, with Grafana's
-    variables replaced the way Grafana does for "All": $shard -> .*"""
+    variables replaced as Grafana does: $shard -> .* for "All", else the shard regex."""
     board = json.loads((ROOT / "configs" / "grafana" / "shardkv.json").read_text())
     out = []
     for panel in board["panels"]:
         for target in panel.get("targets", []):
-            expr = target["expr"].replace("$__rate_interval", rate_interval).replace("$shard", ".*")
+            expr = target["expr"].replace("$__rate_interval", rate_interval).replace("$shard", shard)
             assert "$" not in expr, expr
             out.append((panel["title"], expr))
     return out

@@ -21,7 +21,7 @@ def shard_snapshot(shard, inc="inc-a", committed=10, counts=None, flushes=2, pid
                            "count": sum(counts)},
         "tps": 12.5, "latency_p50_ms": 0.2, "latency_p90_ms": 0.5, "latency_p99_ms": 2.0,
         "flush": {"flush_count": flushes, "keys_flushed": 40, "bytes_flushed": 4000,
-                  "last_flush_ts": 1700000000.0, "last_flush_block": 3,
+                  "last_flush_ts": 90, "last_flush_at": 1700000000.0, "last_flush_block": 3,
                   "last_duration_secs": 0.02, "seconds_total": 0.05},
         "prune": {"prune_count": 1, "versions_removed": 17, "last_duration_secs": 0.01,
                   "seconds_total": 0.01},
@@ -37,7 +37,7 @@ def router_snapshot(inc="r-1", gets=4):
         "role": "router", "pid": os.getpid(), "inc": inc, "ts": 1.0, "commit_ts": 120,
         "block_height": 4,
         "requests": {"get": hist, "txn": dict(hist)},
-        "requests_total": {"get": {"ok": gets}, "txn": {"ok": 3, "conflict": 1}},
+        "results": [["get", "ok", gets], ["txn", "ok", 3], ["txn", "conflict", 1]],
         "twopc": {"committed": 4, "aborted": 1},
         "shards_up": {0: True, 1: True},
     }

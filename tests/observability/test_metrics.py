@@ -219,3 +219,23 @@ def test_shutdown_releases_the_port():
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
     again = start_metrics_server("127.0.0.1", port, state)   # rebinding works
     again.shutdown()
+
+
+def test_without_inc_a_counter_going_down_marks_a_restart():
+    state = full_state(shards=1)
+    state.update("router", None, dict(router_snapshot(gets=4), inc=None))
+    state.update("router", None, dict(router_snapshot(gets=6), inc=None))   # same process, more gets
+    state.update("router", None, dict(router_snapshot(gets=2), inc=None))   # restarted: counts from 0
+    f = scrape(state)
+    # 4 (inc r-1) + 6 (first inc-less process) + 2
+    assert sample(f, "shardkv_requests", "shardkv_requests_total", op="get", result="ok") == 12
+
+
+def test_requests_total_as_nested_map():
+    state = full_state(shards=1)
+    snap = router_snapshot()
+    del snap["results"]
+    snap["requests_total"] = {"get": {"ok": 4, "unavailable": 2}}
+    state.update("router", None, snap)
+    f = scrape(state)
+    assert sample(f, "shardkv_requests", "shardkv_requests_total", op="get", result="unavailable") == 2
