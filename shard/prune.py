@@ -132,6 +132,9 @@ class PruneJob:
         else:
             self.disk_done = True
         if deleted:
+            # The horizon may name a version committed but still staged: make the log
+            # durable first, so a recovered horizon never exceeds the recovered max_ts.
+            engine.log.sync()
             if horizon > engine.horizon:
                 engine.horizon = horizon
             batch.put("meta", cl.HORIZON, cl.pack_int(engine.horizon))
