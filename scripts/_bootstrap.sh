@@ -8,18 +8,43 @@ PY="$VENV/bin/python"
 
 bootstrap_venv() {
     local extras="${1:-}"
-    local stamp="$VENV/.shardkv-installed${extras:+-$extras}"
     local want
     want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
-    if [ ! -x "$PY" ]; then
-        echo "[bootstrap] creating $VENV" >&2
-        python3 -m venv "$VENV"
-    fi
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    # Fast path (every start after the first): no lock, no pip.
+    if _venv_current "$extras" "$want"; then return 0; fi
+    # Several scripts may start at once on a fresh clone (tests start nodes in parallel):
+    # one installs, the others wait for it and then find the stamp current.
+    mkdir -p "$VENV"
+    exec 9>"$VENV/.bootstrap.lock"
+    flock 9
+    if ! _venv_current "$extras" "$want"; then
+        if [ ! -x "$PY" ]; then
+            echo "[bootstrap] creating $VENV" >&2
+            python3 -m venv "$VENV"
+        fi
         echo "[bootstrap] installing shardkv${extras:+[$extras]} into .venv" >&2
         "$PY" -m pip install --quiet --disable-pip-version-check -e "$ROOT${extras:+[$extras]}" >&2
-        echo "$want" > "$stamp"
+        echo "$want" > "$VENV/.shardkv-installed${extras:+-$extras}"
     fi
+    flock -u 9
+    exec 9>&-
+}
+
+# True when .venv has the project installed for this pyproject.toml. An install with
+# extras (e.g. [test]) also covers the plain install, so scripts/node after scripts/test
+# needs no pip call.
+_venv_current() {
+    local extras="$1" want="$2" stamp
+    [ -x "$PY" ] || return 1
+    if [ -n "$extras" ]; then
+        stamp="$VENV/.shardkv-installed-$extras"
+        [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]
+        return
+    fi
+    for stamp in "$VENV"/.shardkv-installed*; do
+        if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+    done
+    return 1
 }
 
 # Installs Debian packages only when a command is missing (root, as on CI).

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol
 
 ENV_PREFIX = "SHARDKV_ADAPT_"
+log = logging.getLogger(__name__)
 CSV_HEADER = ("chunk", "size", "ops_per_sec", "window_rsd", "decision")
 
 Row = tuple[str, bytes, "bytes | None"]
@@ -209,14 +211,27 @@ class AdaptiveBatchWriter:
         if not self.config.csv:
             return
         if self._csv_writer is None:
-            fresh = not os.path.exists(self.config.csv) or os.path.getsize(self.config.csv) == 0
-            self._csv_file = open(self.config.csv, "a", newline="")
-            self._csv_writer = csv.writer(self._csv_file)
-            if fresh:
-                self._csv_writer.writerow(CSV_HEADER)
+            try:
+                self._open_trace()
+            except OSError as exc:
+                # A trace is a diagnostic: it must never fail the flush or prune it observes.
+                log.warning("batch writer CSV trace %r disabled: %s", self.config.csv, exc)
+                self.config = dataclasses.replace(self.config, csv="")
+                return
         self._csv_writer.writerow(
             (self.chunks, ops, f"{rate:.1f}", "" if rsd is None else f"{rsd:.5f}", decision))
         self._csv_file.flush()
+
+    def _open_trace(self) -> None:
+        path = self.config.csv
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        fresh = not os.path.exists(path) or os.path.getsize(path) == 0
+        self._csv_file = open(path, "a", newline="")
+        self._csv_writer = csv.writer(self._csv_file)
+        if fresh:
+            self._csv_writer.writerow(CSV_HEADER)
 
     def close(self) -> None:
         if self._csv_file is not None:

@@ -220,3 +220,16 @@ def test_write_accepts_batch_and_write_storage_shape():
 def test_write_refuses_storage_without_a_batch_api():
     with pytest.raises(TypeError):
         writer().write(object(), [("data", b"a", b"1")], wal=False)
+
+
+def test_csv_trace_creates_its_directory_and_an_unwritable_path_only_disables_it(tmp_path):
+    nested = tmp_path / "a" / "b" / "trace.csv"
+    w = writer(window=2, csv=str(nested))
+    w.record(10, 0.001)
+    w.close()
+    assert nested.read_text().splitlines()[0] == ",".join(CSV_HEADER)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    w = writer(window=2, csv=str(blocker / "trace.csv"))      # parent is a file
+    assert feed(w, [1000, 1000]) == ["hold", "grow"]           # still decides
+    assert w.config.csv == ""

@@ -1,0 +1,111 @@
+"""One supervised child slot (the router, or shard i) and how its process ended.
+
+A slot outlives its processes: when shard 1 dies, the same `Child` respawns it, counts
+the restart and keeps its backoff. The supervisor owns the loop; this module only holds
+per-slot state and the small decisions about it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+# Test hook: run stand-in child programs speaking the same status protocol.
+SHARD_MODULE = os.environ.get("SHARDKV_SHARD_MODULE", "shard.worker")
+ROUTER_MODULE = os.environ.get("SHARDKV_ROUTER_MODULE", "node.router")
+
+EX_CONFIG = 78   # a child's "non-transient boot failure" exit status (sysexits.h)
+
+
+class Child:
+    def __init__(self, role: str, shard: int | None, spec: dict, backoff_initial: float,
+                 backoff_max: float):
+        self.role = role
+        self.shard = shard
+        self.spec = spec
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+        self.ready = False            # this incarnation reported ready
+        self.ever_ready = False       # some incarnation of this slot reported ready
+        self.restarts = 0
+        self.started_at = 0.0
+        self.last_seen = 0.0          # monotonic time of the last status message
+        self.snapshot: dict | None = None
+        self.respawn_at: float | None = None
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.backoff = backoff_initial
+        self.term_sent = False
+        self.fatal_error: str | None = None   # reported by the child before exiting
+
+    @property
+    def name(self) -> str:
+        return "router" if self.role == "router" else f"shard {self.shard}"
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None
+
+    def command(self) -> list[str]:
+        module = ROUTER_MODULE if self.role == "router" else SHARD_MODULE
+        spec = dict(self.spec, restarts=self.restarts, supervisor_pid=os.getpid())
+        return [sys.executable, "-m", module, "--spec", json.dumps(spec)]
+
+    def spawn(self) -> None:
+        # The child's stdout goes to our stderr: our stdout carries only the `ready` line.
+        self.proc = subprocess.Popen(self.command(), stdout=sys.stderr.fileno(),
+                                     stdin=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        self.ready = False
+        self.term_sent = False
+        self.fatal_error = None
+        self.started_at = self.last_seen = time.monotonic()
+        self.respawn_at = None
+
+    def exited(self, status: int) -> None:
+        """Record the reaped status so Popen does not try to wait for the pid again."""
+        if self.proc is not None:
+            self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.pid = None
+        self.proc = None
+        self.ready = False
+        self.snapshot = None
+
+    def mark_ready(self, now: float) -> None:
+        self.ready = self.ever_ready = True
+        self.last_seen = now
+
+    def schedule_respawn(self, now: float) -> float:
+        """Next respawn after the current backoff; a child that stayed up long resets it."""
+        if now - self.started_at > self.backoff_max:
+            self.backoff = self.backoff_initial
+        delay = self.backoff
+        self.backoff = min(self.backoff * 2, self.backoff_max)
+        self.respawn_at = now + delay
+        return delay
+
+    def send(self, sig: int) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:   # already dead, not yet reaped
+                pass
+            if sig == signal.SIGTERM:
+                self.term_sent = True
+
+
+def describe_exit(status: int) -> str:
+    """'exited with status 3', 'was killed by SIGKILL', ... from a waitpid status."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"was killed by {name}" + (" (core dumped)" if os.WCOREDUMP(status) else "")
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"ended with wait status {status}"

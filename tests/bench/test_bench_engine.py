@@ -1,0 +1,35 @@
+"""`scripts/bench engine --quick`: the report has its structure (never timing asserts)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_engine_quick_writes_table_json_plots_and_profiles(tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "scripts/benchmarks/main.py", "engine", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| engine |")]
+    names = [row.split("|")[2].strip() for row in table]
+    assert "raw WriteBatch(1000) WAL off" in names
+    assert "raw WriteBatch(1000) WAL on" in names
+    assert any(n.startswith("batch writes, adaptive") for n in names)
+    doc = json.loads((out / "report.json").read_text())
+    assert {"figures", "series", "plots", "profiles", "environment", "quick"} <= set(doc)
+    assert doc["quick"] is True
+    fig = next(f for f in doc["figures"] if f["name"] == "raw WriteBatch(1000) WAL on")
+    assert fig["peer"] == "raw WAL off" and fig["ratio"] > 0
+    for f in doc["figures"]:
+        assert {"name", "value", "unit", "peer", "peer_value", "ratio", "target", "met"} <= set(f)
+    for png in ("batch_writer_modes.png", "batch_writer_trace.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png in doc["plots"]
+    assert doc["series"]["batch_writer_trace"]["size"], "the adaptive run left a CSV trace"
+    assert doc["profiles"] and all((out / p).exists() for p in doc["profiles"])
+    assert "| engine | raw WriteBatch(1000) WAL off |" in (out / "report.md").read_text()
+    if "shard/engine.py is not on main yet" not in " ".join(doc["notes"]):
+        assert any(n.startswith("engine flush path") for n in names)
+        assert not [n for n in doc["notes"] if "failed" in n], doc["notes"]

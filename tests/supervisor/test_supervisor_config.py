@@ -1,0 +1,113 @@
+"""Config loading: defaults match configs/node.toml, every bad value is refused naming its key."""
+import subprocess
+import tomllib
+
+import pytest
+
+from supervisor.config import (DEFAULT_CONFIG_PATH, SCHEMA, ConfigError, defaults,
+                               is_loopback_endpoint, load_config)
+from supervisor_harness import ROOT
+
+
+def write(tmp_path, text):
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_schema_defaults_are_exactly_the_shipped_config():
+    shipped = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
+    assert shipped == defaults()
+    assert shipped.keys() == SCHEMA.keys()
+
+
+def test_shipped_config_loads_and_data_dir_becomes_absolute(tmp_path):
+    config = load_config(None, base_dir=tmp_path)
+    assert config["node"]["data_dir"] == str(tmp_path / "data")
+    assert config["node"]["listen"] == "tcp://127.0.0.1:7450"
+
+
+def test_missing_keys_take_defaults_and_overrides_win(tmp_path):
+    path = write(tmp_path, '[node]\nshards = 4\n')
+    config = load_config(path, {"node.listen": "ipc:///tmp/x.sock"}, base_dir=tmp_path)
+    assert config["node"]["shards"] == 4
+    assert config["node"]["listen"] == "ipc:///tmp/x.sock"
+    assert config["durability"]["mode"] == "wal"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[node]\nshards = 0\n", "node.shards: must be between 1 and 256, got 0"),
+    ("[node]\nshards = \"2\"\n", "node.shards: must be an integer, got '2'"),
+    ("[node]\nshards = true\n", "node.shards: must be an integer, got True"),
+    ("[node]\nshard = 2\n", "unknown config key(s): node.shard"),
+    ("[nodes]\nshards = 2\n", "unknown config key(s): [nodes]"),
+    ("[durability]\nmode = \"async\"\n", "durability.mode: must be one of wal, fsync, got 'async'"),
+    ("[flush]\nflush_on_start = 1\n", "flush.flush_on_start: must be true or false, got 1"),
+    ("[flush]\ninterval_secs = 0\n", "flush.interval_secs: must be > 0, got 0"),
+    ("[router]\nrequest_timeout_secs = \"5\"\n", "router.request_timeout_secs: must be a number"),
+    ("[rocksdb]\ncompression = \"gzip\"\n", "rocksdb.compression: must be one of"),
+    ("[limits]\nmax_key_bytes = -1\n", "limits.max_key_bytes: must be >= 1, got -1"),
+    ("[node]\nmetrics_port = 70000\n", "node.metrics_port: must be between 0 and 65535"),
+    ("[batch_writer]\nmin_chunk = 10\nmax_chunk = 5\n", "batch_writer.max_chunk: must be >= batch_writer.min_chunk"),
+    ("[supervisor]\nheartbeat_timeout_secs = 0.1\n", "supervisor.heartbeat_timeout_secs: must be > supervisor.stats_interval_secs"),
+    ("[node]\nlisten = \"127.0.0.1:7450\"\n", "node.listen: must be tcp://HOST:PORT or ipc://PATH"),
+    ("[node]\nlisten = \"tcp://127.0.0.1:0\"\n", "node.listen: port must be between 1 and 65535"),
+    ("[node]\nlisten = \"tcp://127.0.0.1:99999\"\n", "node.listen: port must be between 1 and 65535"),
+    ("node = 3\n", "node: must be a table"),
+    ("[node\n", "is not valid TOML"),
+])
+def test_bad_values_are_refused_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), base_dir=tmp_path)
+    assert message in str(err.value)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("endpoint, loopback", [
+    ("tcp://127.0.0.1:7450", True), ("tcp://127.1.2.3:1", True), ("tcp://localhost:7450", True),
+    ("tcp://[::1]:7450", True), ("ipc:///tmp/x", True), ("tcp://0.0.0.0:7450", False),
+    ("tcp://*:7450", False), ("tcp://10.0.0.5:7450", False), ("tcp://eth0:7450", False),
+    ("tcp://[::]:7450", False),
+])
+def test_loopback_detection(endpoint, loopback):
+    assert is_loopback_endpoint(endpoint) is loopback
+
+
+def test_non_loopback_listen_needs_curve_keys(tmp_path):
+    with pytest.raises(ConfigError, match="node.listen: tcp://0.0.0.0:7450 is not a loopback address"):
+        load_config(None, {"node.listen": "tcp://0.0.0.0:7450"}, base_dir=tmp_path)
+    secret, clients = tmp_path / "server.key_secret", tmp_path / "clients"
+    keys = {"node.listen": "tcp://0.0.0.0:7450",
+            "security.curve_server_secret_file": "server.key_secret",
+            "security.curve_allowed_clients_dir": "clients"}
+    with pytest.raises(ConfigError, match="security.curve_server_secret_file: .* is not a file"):
+        load_config(None, keys, base_dir=tmp_path)
+    secret.write_text("secret")
+    with pytest.raises(ConfigError, match="security.curve_allowed_clients_dir: .* is not a directory"):
+        load_config(None, keys, base_dir=tmp_path)
+    clients.mkdir()
+    config = load_config(None, keys, base_dir=tmp_path)
+    assert config["security"]["curve_server_secret_file"] == str(secret)   # made absolute
+
+
+def test_scripts_node_reports_a_bad_flag_value_and_exits_2(tmp_path):
+    result = subprocess.run([str(ROOT / "scripts" / "node"), "--shards", "0", "--data-dir",
+                             str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "configuration error: node.shards: must be between 1 and 256, got 0" in result.stderr
+    assert not (tmp_path / "d").exists()      # nothing was created
+
+
+def test_scripts_node_resolves_a_relative_data_dir_against_the_callers_cwd(tmp_path):
+    (tmp_path / "bad.toml").write_text("[node]\nshards = 2\nlisten = \"tcp://0.0.0.0:1\"\n")
+    result = subprocess.run([str(ROOT / "scripts" / "node"), "--config", "bad.toml"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and "is not a loopback address" in result.stderr
+    result = subprocess.run([str(ROOT / "scripts" / "node"), "restore", "x", "--data-dir", "rel"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"data dir {tmp_path / 'rel'} does not exist" in result.stderr
