@@ -40,6 +40,7 @@ class Child:
         self.backoff = backoff_initial
         self.term_sent = False
         self.fatal_error: str | None = None   # reported by the child before exiting
+        self.kill_reason: str | None = None   # why the supervisor SIGKILLed it, if it did
 
     @property
     def name(self) -> str:
@@ -56,12 +57,15 @@ class Child:
 
     def spawn(self) -> None:
         # The child's stdout goes to our stderr: our stdout carries only the `ready` line.
+        # Its own process group keeps a terminal's Ctrl-C (SIGINT to the foreground group)
+        # away from it, so the supervisor alone decides the stop order (router first).
         self.proc = subprocess.Popen(self.command(), stdout=sys.stderr.fileno(),
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, process_group=0)
         self.pid = self.proc.pid
         self.ready = False
         self.term_sent = False
         self.fatal_error = None
+        self.kill_reason = None
         self.started_at = self.last_seen = time.monotonic()
         self.respawn_at = None
 

@@ -101,15 +101,19 @@ def counters_of(role: str, snapshot: dict) -> dict:
         if isinstance(requests, dict):
             for op, hist in requests.items():
                 _flatten_histogram(out, "requests", str(op), hist)
+        # {op: {result: n}}, or the router's [[op, result, n], ...] form
         totals = snapshot.get("requests_total")
+        rows = []
         if isinstance(totals, dict):
-            for op, by_result in totals.items():
-                if not isinstance(by_result, dict):
-                    continue
-                for result, n in by_result.items():
-                    n = _number(n)
-                    if n is not None:
-                        out[("r", str(op), str(result))] = n
+            rows = [(op, result, n) for op, by_result in totals.items() if isinstance(by_result, dict)
+                    for result, n in by_result.items()]
+        elif isinstance(snapshot.get("results"), list):
+            rows = [tuple(row) for row in snapshot["results"] if isinstance(row, (list, tuple)) and len(row) == 3]
+        for op, result, n in rows:
+            n = _number(n)
+            if n is not None:
+                key = ("r", str(op), str(result))
+                out[key] = out.get(key, 0.0) + n
     return out
 
 
@@ -125,6 +129,7 @@ class ChildEntry:
     received: float = 0.0          # time.time() of the last snapshot
     inc: object = None             # incarnation of the last snapshot
     base: dict = field(default_factory=dict)     # carried over from earlier incarnations
+    retired: set = field(default_factory=set)    # incarnations already carried over
     current: dict = field(default_factory=dict)  # counters of the current incarnation
 
     def totals(self) -> dict:
@@ -201,8 +206,12 @@ class MetricsState:
             if entry is None:
                 return
             inc = snapshot.get("inc")
+            if inc is not None and inc in entry.retired:
+                return      # a late message from a dead incarnation: already counted
             if entry.snapshot and self._is_new_incarnation(entry, inc, counters):
                 entry.base = entry.totals()
+                if entry.inc is not None:
+                    entry.retired.add(entry.inc)
             entry.current = counters
             entry.inc = inc
             entry.snapshot = snapshot
@@ -272,8 +281,9 @@ _SHARD_GAUGES = (
     ("shardkv_shard_max_ts", ("max_ts",), "Highest commit_ts the shard has applied."),
     ("shardkv_shard_block_height", ("block_height",), "Block height durable in the shard."),
     ("shardkv_prepared_txns", ("prepared",), "2PC transactions prepared and not yet decided."),
-    ("shardkv_last_flush_timestamp_seconds", ("flush", "last_flush_ts"),
+    ("shardkv_last_flush_timestamp_seconds", ("flush", "last_flush_at"),
      "Unix time of the shard's last completed flush (0 = never)."),
+    ("shardkv_last_flush_commit_ts", ("flush", "last_flush_ts"), "commit_ts of the shard's last flush cut."),
     ("shardkv_last_flush_block", ("flush", "last_flush_block"), "Block height at the shard's last flush."),
     ("shardkv_last_flush_duration_seconds", ("flush", "last_duration_secs"), "Duration of the last flush."),
     ("shardkv_last_prune_duration_seconds", ("prune", "last_duration_secs"), "Duration of the last prune."),

@@ -29,6 +29,7 @@ from supervisor.children import EX_CONFIG, Child, describe_exit
 log = logging.getLogger("shardkv.supervisor")
 
 POLL_MAX_SECS = 0.25
+IPC_DIR_MAX = 80   # leaves room for "/shard-<i>.sock" within the 107-byte socket path limit
 
 
 class HaltError(RuntimeError):
@@ -87,6 +88,9 @@ class Supervisor:
         datadir.check_shard_count(self.data_dir, self.shard_count)
         restore.finish_interrupted(self.data_dir)
         self.run_dir = tempfile.mkdtemp(prefix="shardkv-")   # mode 0700
+        if len(self.run_dir) > IPC_DIR_MAX:   # ipc:// paths are limited to ~107 bytes
+            os.rmdir(self.run_dir)
+            self.run_dir = tempfile.mkdtemp(prefix="shardkv-", dir="/tmp")
         log.info("run dir %s", self.run_dir)
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
@@ -276,6 +280,7 @@ class Supervisor:
     def child_ended(self, child: Child, status: int) -> None:
         how = describe_exit(status)
         was_ready, ever_ready, old_pid = child.ready, child.ever_ready, child.pid
+        why = child.kill_reason
         child.exited(status)
         self.report_child(child)
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
@@ -293,8 +298,9 @@ class Supervisor:
             self.halt(f"{child.name} {how} before it ever became ready; see its log above")
         else:
             delay = child.schedule_respawn(time.monotonic())
+            why = why or ("" if was_ready else "it died while booting")
             log.info("restarting %s in %.1fs (restart #%d)%s", child.name, delay,
-                     child.restarts + 1, "" if was_ready else " (it died while booting)")
+                     child.restarts + 1, f" ({why})" if why else "")
 
     # -- timers --------------------------------------------------------------------------
 
@@ -310,11 +316,12 @@ class Supervisor:
             elif child.alive and not child.ready:
                 if now - child.started_at > self.sup["boot_timeout_secs"]:
                     self.boot_expired(child)
-            elif child.alive and now - child.last_seen > self.sup["heartbeat_timeout_secs"]:
+            elif (child.alive and child.kill_reason is None
+                  and now - child.last_seen > self.sup["heartbeat_timeout_secs"]):
                 log.warning("%s (pid %d) sent no status for %.1fs: hung, killing it",
                             child.name, child.pid, now - child.last_seen)
-                child.send(signal.SIGKILL)
-                child.ready = False   # killed on purpose; the reaper restarts it
+                child.kill_reason = "it was hung"
+                child.send(signal.SIGKILL)   # the reaper restarts it
 
     def boot_expired(self, child: Child) -> None:
         secs = self.sup["boot_timeout_secs"]
@@ -324,6 +331,7 @@ class Supervisor:
         else:
             log.warning("%s (pid %d) did not come back up within %ss: killing it",
                         child.name, child.pid, secs)
+            child.kill_reason = "it did not boot in time"
             child.send(signal.SIGKILL)
             child.started_at = time.monotonic()   # one kill per expiry; the reaper restarts
 

@@ -1,0 +1,269 @@
+"""`scripts/bench node`: end to end over ZeroMQ against Redis 7 + AOF (issue 6).
+
+Same client process, same run: bank transfers between 10,000 accounts.
+- shardkv: `get` the 200 balances of 100 disjoint transfers, then one `batch` of the 100
+  transfers with their read versions; `rounds_in_flight` rounds pipelined on one DEALER.
+- Redis: a Lua transfer script, EVALSHA pipelined 100 per round trip (redis-py).
+Then single-request latency (one txn / one EVALSHA per round trip) and shardkv
+throughput for 1, 2 and 4 shards.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import Figure, Report, log, plot_bars, plot_lines, profiled
+from procs import Conn, NodeProcess, RedisProcess
+from shard.histogram import Histogram, quantile
+
+SUITE = "node"
+ACCOUNTS = 10_000
+INITIAL = 1_000_000
+PER_ROUND = 100
+
+TRANSFER_LUA = """
+local amount = tonumber(ARGV[1])
+local from = tonumber(redis.call('GET', KEYS[1]) or '0')
+if from < amount then return 0 end
+redis.call('DECRBY', KEYS[1], amount)
+redis.call('INCRBY', KEYS[2], amount)
+return 1
+"""
+
+
+def account(i: int) -> bytes:
+    return b"acct%05d" % i
+
+
+class Settings:
+    def __init__(self, quick: bool):
+        self.seconds = 3.0 if quick else 15.0
+        self.latency_txns = 300 if quick else 5_000
+        self.rounds_in_flight = 4
+        self.repeats = 1 if quick else 2
+
+
+# -- shardkv ------------------------------------------------------------------------------------
+
+def load_accounts(conn: Conn) -> None:
+    for start in range(0, ACCOUNTS, 1000):
+        reply = conn.call("txn", writes=[[account(i), b"%d" % INITIAL] for i in range(start, min(ACCOUNTS, start + 1000))])
+        if not reply.get("ok"):
+            raise RuntimeError(f"loading accounts failed: {reply}")
+
+
+def total_balance(conn: Conn) -> int:
+    total = 0
+    for start in range(0, ACCOUNTS, 5000):
+        reply = conn.call("get", keys=[account(i) for i in range(start, min(ACCOUNTS, start + 5000))])
+        total += sum(int(v) for v in reply["values"])
+    return total
+
+
+def shardkv_transfers(conn: Conn, seconds: float, in_flight: int, rng: random.Random) -> dict:
+    """Pipelined rounds: get(200 keys) -> batch(100 transfers with read versions)."""
+    pending: dict[int, tuple] = {}      # rid -> ("get", pairs) | ("batch", None)
+    committed = conflicts = errors = rounds = 0
+
+    def start_round() -> None:
+        picks = rng.sample(range(ACCOUNTS), 2 * PER_ROUND)        # disjoint within a round
+        pairs = [(account(picks[2 * i]), account(picks[2 * i + 1])) for i in range(PER_ROUND)]
+        keys = [k for pair in pairs for k in pair]
+        pending[conn.send("get", keys=keys)] = ("get", pairs)
+
+    started = time.perf_counter()
+    deadline = started + seconds
+    for _ in range(in_flight):
+        start_round()
+    while pending:
+        reply = conn.recv()
+        kind, pairs = pending.pop(reply["id"])
+        if kind == "get":
+            values, versions = reply["values"], reply["versions"]
+            txns = []
+            for i, (a, b) in enumerate(pairs):
+                va, vb = int(values[2 * i]), int(values[2 * i + 1])
+                txns.append({"reads": [[a, versions[2 * i]], [b, versions[2 * i + 1]]],
+                             "writes": [[a, b"%d" % (va - 1)], [b, b"%d" % (vb + 1)]]})
+            pending[conn.send("batch", txns=txns)] = ("batch", None)
+            continue
+        rounds += 1
+        if not reply.get("ok"):
+            errors += PER_ROUND
+        else:
+            for r in reply["results"]:
+                if r.get("ok"):
+                    committed += 1
+                elif r["error"]["code"] == "conflict":
+                    conflicts += 1
+                else:
+                    errors += 1
+        if time.perf_counter() < deadline:
+            start_round()
+    elapsed = time.perf_counter() - started
+    return {"tps": committed / elapsed, "committed": committed, "conflicts": conflicts,
+            "errors": errors, "rounds": rounds, "seconds": elapsed}
+
+
+def shardkv_latency(conn: Conn, n: int, rng: random.Random) -> dict:
+    """One request per round trip: the commit (`txn` with read versions) alone, and the
+    whole transfer (get + txn)."""
+    h_txn, h_transfer = Histogram(), Histogram()
+    for _ in range(n):
+        a, b = (account(i) for i in rng.sample(range(ACCOUNTS), 2))
+        t0 = time.perf_counter()
+        got = conn.call("get", keys=[a, b])
+        t1 = time.perf_counter()
+        va, vb = (int(v) for v in got["values"])
+        reply = conn.call("txn", reads=[[a, got["versions"][0]], [b, got["versions"][1]]],
+                          writes=[[a, b"%d" % (va - 1)], [b, b"%d" % (vb + 1)]])
+        t2 = time.perf_counter()
+        if not reply.get("ok"):
+            raise RuntimeError(f"latency txn failed: {reply}")
+        h_txn.observe(t2 - t1)
+        h_transfer.observe(t2 - t0)
+    return {"txn": h_txn.snapshot(), "transfer": h_transfer.snapshot()}
+
+
+# -- Redis --------------------------------------------------------------------------------------
+
+def redis_setup(r) -> str:
+    r.flushall()
+    pipe = r.pipeline(transaction=False)
+    for i in range(ACCOUNTS):
+        pipe.set(account(i), INITIAL)
+    pipe.execute()
+    return r.script_load(TRANSFER_LUA)
+
+
+def redis_transfers(r, sha: str, seconds: float, rng: random.Random) -> dict:
+    committed = refused = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    while time.perf_counter() < deadline:
+        pipe = r.pipeline(transaction=False)
+        for _ in range(PER_ROUND):
+            a, b = rng.sample(range(ACCOUNTS), 2)
+            pipe.evalsha(sha, 2, account(a), account(b), 1)
+        for ok in pipe.execute():
+            committed += ok == 1
+            refused += ok != 1
+    elapsed = time.perf_counter() - started
+    return {"tps": committed / elapsed, "committed": committed, "refused": refused, "seconds": elapsed}
+
+
+def redis_latency(r, sha: str, n: int, rng: random.Random) -> dict:
+    h = Histogram()
+    for _ in range(n):
+        a, b = rng.sample(range(ACCOUNTS), 2)
+        t0 = time.perf_counter()
+        r.evalsha(sha, 2, account(a), account(b), 1)
+        h.observe(time.perf_counter() - t0)
+    return {"txn": h.snapshot()}
+
+
+def redis_total(r) -> int:
+    return sum(int(v) for v in r.mget([account(i) for i in range(ACCOUNTS)]))
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> None:
+    s = Settings(quick)
+    shard_counts = shard_counts or [1, 2, 4]
+    main_shards = 2 if 2 in shard_counts else shard_counts[0]
+    tmp = Path(tempfile.mkdtemp(prefix="shardkv-bench-node-"))
+    rng = random.Random(7)
+    try:
+        if not node_available():
+            report.note("node: the router/worker/supervisor are not all on main yet; node figures skipped")
+            return
+        log("starting redis-server (AOF appendfsync everysec)")
+        redis_proc = RedisProcess(tmp / "redis")
+        try:
+            sha = redis_setup(redis_proc.client)
+            redis_best = max((redis_transfers(redis_proc.client, sha, s.seconds, rng) for _ in range(s.repeats)),
+                             key=lambda r: r["tps"])
+            log(f"redis {redis_proc.version}: {redis_best['tps']:,.0f} transfers/s")
+            redis_lat = redis_latency(redis_proc.client, sha, s.latency_txns, rng)
+            assert redis_total(redis_proc.client) == ACCOUNTS * INITIAL, "redis lost money"
+        finally:
+            redis_proc.stop()
+
+        scaling, main_result, main_lat = {}, None, None
+        for shards in shard_counts:
+            log(f"starting shardkv node with {shards} shard(s)")
+            node = NodeProcess(tmp / f"data-{shards}", shards)
+            conn = Conn(node.endpoint)
+            try:
+                load_accounts(conn)
+                best = None
+                for attempt in range(s.repeats):
+                    profile = shards == main_shards and attempt == 0
+                    with profiled(report, f"node_client_{shards}shards", enabled=profile):
+                        r = shardkv_transfers(conn, s.seconds, s.rounds_in_flight, rng)
+                    if best is None or r["tps"] > best["tps"]:
+                        best = r
+                log(f"shardkv {shards} shard(s): {best['tps']:,.0f} transfers/s "
+                    f"({best['conflicts']} conflicts, {best['errors']} errors)")
+                scaling[shards] = best
+                if shards == main_shards:
+                    main_result = best
+                    main_lat = shardkv_latency(conn, s.latency_txns, rng)
+                    stats = conn.call("stats")
+                    report.series["node_stats"] = stats
+                total = total_balance(conn)
+                if total != ACCOUNTS * INITIAL:
+                    report.note(f"INVARIANT: shardkv total balance {total} != {ACCOUNTS * INITIAL} ({shards} shards)")
+            finally:
+                conn.close()
+                rc = node.stop()
+                if rc not in (0, None):
+                    report.note(f"node with {shards} shards exited with status {rc} on SIGTERM")
+
+        rtps = redis_best["tps"]
+        report.add(Figure(SUITE, f"transfers/s, {main_shards} shards, get+batch(100), "
+                                 f"{s.rounds_in_flight} rounds in flight", main_result["tps"], "transfers/s",
+                          peer=f"Redis {redis_proc.version} AOF everysec, Lua EVALSHA x100", peer_value=rtps,
+                          target=1.0, note=f"{main_result['conflicts']} conflicts"))
+        for shards, r in scaling.items():
+            if shards != main_shards:
+                report.add(Figure(SUITE, f"transfers/s, {shards} shard(s)", r["tps"], "transfers/s",
+                                  peer="Redis", peer_value=rtps, note=f"{r['conflicts']} conflicts"))
+        for q in (0.5, 0.99):
+            pct = int(q * 100)
+            report.add(Figure(SUITE, f"single txn latency P{pct} ({main_shards} shards)",
+                              quantile(main_lat["txn"], q) * 1000, "ms", peer="Redis EVALSHA",
+                              peer_value=quantile(redis_lat["txn"], q) * 1000, higher_is_better=False,
+                              target=2.0 if pct == 99 else None))
+        for q in (0.5, 0.99):
+            report.add(Figure(SUITE, f"transfer latency get+txn P{int(q * 100)} ({main_shards} shards)",
+                              quantile(main_lat["transfer"], q) * 1000, "ms", peer="Redis EVALSHA",
+                              peer_value=quantile(redis_lat["txn"], q) * 1000, higher_is_better=False))
+        report.series["node_throughput"] = {"redis": redis_best, "shardkv": {str(k): v for k, v in scaling.items()}}
+        report.series["node_latency"] = {"shardkv": main_lat, "redis": redis_lat}
+        bars = {"Redis AOF Lua": rtps}
+        bars.update({f"shardkv {k} shard(s)": v["tps"] for k, v in scaling.items()})
+        plot_bars(report, "node_throughput.png", "Bank transfers/s, 10,000 accounts, one Python client", bars,
+                  "transfers/s")
+        _plot_latency(report, main_lat, redis_lat)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def node_available() -> bool:
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("supervisor.main", "node.router", "shard.worker", "shard.engine"))
+
+
+def _plot_latency(report: Report, lat: dict, redis_lat: dict) -> None:
+    qs = [0.5, 0.75, 0.9, 0.95, 0.99, 0.999]
+    xs = [q * 100 for q in qs]
+    plot_lines(report, "node_latency.png", "Single-request latency by percentile", "percentile",
+               {"shardkv txn": (xs, [quantile(lat["txn"], q) * 1000 for q in qs]),
+                "shardkv get+txn": (xs, [quantile(lat["transfer"], q) * 1000 for q in qs]),
+                "Redis EVALSHA": (xs, [quantile(redis_lat["txn"], q) * 1000 for q in qs])}, "ms")

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from observability.snapshots import BOUNDS, full_state, router_snapshot, sample, scrape, shard_snapshot
 from supervisor.http import start_metrics_server
 from supervisor.metrics import MetricsState, make_registry
 
@@ -35,67 +36,6 @@ PROTOCOL_SERIES = {
     "shardkv_rocksdb_live_sst_bytes": ("gauge", {"shard"}),
     "shardkv_rocksdb_estimated_keys": ("gauge", {"shard"}),
 }
-
-BOUNDS = [5e-05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-          0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
-
-
-def shard_snapshot(shard, inc="inc-a", committed=10, counts=None, flushes=2, pid=None):
-    counts = counts or [1] + [0] * (len(BOUNDS) - 1) + [0]
-    return {
-        "role": "shard", "shard": shard, "pid": pid or os.getpid(), "inc": inc, "ts": 1.0,
-        "keys": 100, "versions": 250, "horizon": 7, "max_ts": 99, "block_height": 4, "prepared": 0,
-        "txn": {"committed": committed, "conflict": 3, "error": 1},
-        "twopc": {"prepared": 5, "committed": 4, "aborted": 1},
-        "commit_latency": {"bounds": BOUNDS, "counts": counts, "sum": 0.01 * sum(counts),
-                           "count": sum(counts)},
-        "tps": 12.5, "latency_p50_ms": 0.2, "latency_p90_ms": 0.5, "latency_p99_ms": 2.0,
-        "flush": {"flush_count": flushes, "keys_flushed": 40, "bytes_flushed": 4000,
-                  "last_flush_ts": 1700000000.0, "last_flush_block": 3,
-                  "last_duration_secs": 0.02, "seconds_total": 0.05},
-        "prune": {"prune_count": 1, "versions_removed": 17, "last_duration_secs": 0.01,
-                  "seconds_total": 0.01},
-        "batch_writer": {"chunk_size": 5000},
-        "rocksdb": {"live_sst_bytes": 123456, "estimated_keys": 90,
-                    "pending_compaction_bytes": 0, "memtable_bytes": 2048},
-    }
-
-
-def router_snapshot(inc="r-1", gets=4):
-    hist = {"bounds": BOUNDS, "counts": [gets] + [0] * len(BOUNDS), "sum": 0.001, "count": gets}
-    return {
-        "role": "router", "pid": os.getpid(), "inc": inc, "ts": 1.0, "commit_ts": 120,
-        "block_height": 4,
-        "requests": {"get": hist, "txn": dict(hist)},
-        "requests_total": {"get": {"ok": gets}, "txn": {"ok": 3, "conflict": 1}},
-        "twopc": {"committed": 4, "aborted": 1},
-        "shards_up": {0: True, 1: True},
-    }
-
-
-def full_state(shards=2):
-    state = MetricsState(shard_count=shards, memory_budget_versions=2_000_000)
-    state.set_supervisor_pid(os.getpid())
-    state.set_child("router", None, os.getpid(), True, 0)
-    state.update("router", None, router_snapshot())
-    for i in range(shards):
-        state.set_child("shard", i, os.getpid(), True, 0)
-        state.update("shard", i, shard_snapshot(i))
-    return state
-
-
-def scrape(state):
-    text = generate_latest(make_registry(state)).decode()
-    return {f.name: f for f in text_string_to_metric_families(text)}
-
-
-def sample(families, name, sample_name=None, **labels):
-    family = families[name]
-    found = [s.value for s in family.samples
-             if s.name == (sample_name or name) and all(s.labels.get(k) == v for k, v in labels.items())]
-    assert len(found) == 1, (name, labels, family.samples)
-    return found[0]
-
 
 def test_every_protocol_series_exists_with_its_type_and_labels():
     families = scrape(full_state())
@@ -157,6 +97,10 @@ def test_counters_carry_over_a_new_incarnation():
     assert sample(f, "shardkv_txn", "shardkv_txn_total", shard="0", result="committed") == 15
     # gauges are the current incarnation's, not summed
     assert sample(f, "shardkv_keys", shard="0") == 100
+    # a late snapshot of the dead incarnation changes nothing
+    state.update("shard", 0, shard_snapshot(0, inc="inc-a", committed=10, counts=one, flushes=2))
+    f = scrape(state)
+    assert sample(f, "shardkv_txn", "shardkv_txn_total", shard="0", result="committed") == 15
 
 
 def test_router_counters_carry_over_a_router_restart():
@@ -275,3 +219,23 @@ def test_shutdown_releases_the_port():
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
     again = start_metrics_server("127.0.0.1", port, state)   # rebinding works
     again.shutdown()
+
+
+def test_without_inc_a_counter_going_down_marks_a_restart():
+    state = full_state(shards=1)
+    state.update("router", None, dict(router_snapshot(gets=4), inc=None))
+    state.update("router", None, dict(router_snapshot(gets=6), inc=None))   # same process, more gets
+    state.update("router", None, dict(router_snapshot(gets=2), inc=None))   # restarted: counts from 0
+    f = scrape(state)
+    # 4 (inc r-1) + 6 (first inc-less process) + 2
+    assert sample(f, "shardkv_requests", "shardkv_requests_total", op="get", result="ok") == 12
+
+
+def test_requests_total_as_nested_map():
+    state = full_state(shards=1)
+    snap = router_snapshot()
+    del snap["results"]
+    snap["requests_total"] = {"get": {"ok": 4, "unavailable": 2}}
+    state.update("router", None, snap)
+    f = scrape(state)
+    assert sample(f, "shardkv_requests", "shardkv_requests_total", op="get", result="unavailable") == 2

@@ -45,11 +45,11 @@ def main() -> int:
     who = f"{role}:{'' if shard is None else shard}"
     ident = {"role": role, "pid": os.getpid(), **({"shard": shard} if role == "shard" else {})}
     stopping = []
-    if picked("FAKE_IGNORE_TERM", who):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    else:
-        signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the group; supervisor decides
+    for sig in (signal.SIGTERM, signal.SIGINT):   # like the real children: both mean stop
+        if picked("FAKE_IGNORE_TERM", who):
+            signal.signal(sig, signal.SIG_IGN)
+        else:
+            signal.signal(sig, lambda *_: stopping.append(1))
     event(who, "start")
 
     ctx = zmq.Context()

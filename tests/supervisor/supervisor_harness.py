@@ -120,11 +120,23 @@ class NodeProcess:
                 continue
         raise AssertionError(f"no child matching {fragment!r}")
 
+    def kill_tree(self) -> list[int]:
+        """SIGKILL the supervisor and every child at once (children run in their own
+        process groups); returns the children's pids."""
+        children = self.children()
+        for proc in [psutil.Process(self.pid), *children] if children or alive(self.pid) else []:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        return [c.pid for c in children]
+
     def kill_all(self) -> None:
-        """Teardown: SIGKILL the whole process group, whatever state it is in."""
+        """Teardown: SIGKILL the whole tree, whatever state it is in."""
         try:
+            self.kill_tree()
             os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, psutil.NoSuchProcess):
             pass
         try:
             self.proc.wait(10)

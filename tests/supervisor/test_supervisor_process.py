@@ -70,13 +70,15 @@ def test_ready_line_ping_and_graceful_stop_router_first(tmp_path, nodes):
     assert not any(alive(pid) for pid in children)
 
 
-def test_sigint_also_stops_with_status_0(tmp_path, nodes):
-    node = start(tmp_path)
+def test_ctrl_c_stops_with_status_0_and_still_router_first(tmp_path, nodes):
+    node = start(tmp_path, env=fake_env(FAKE_EVENTS=tmp_path / "events"))
     nodes.append(node)
     node.wait_ready()
-    node.signal(signal.SIGINT)
+    os.killpg(node.pid, signal.SIGINT)          # what a terminal's Ctrl-C does
     assert node.wait_exit() == 0
     assert "SIGINT received" in node.log()
+    stops = {who: float(t) for who, what, pid, t in events(tmp_path) if what == "stop"}
+    assert stops["router:"] < min(stops["shard:0"], stops["shard:1"])
 
 
 def test_another_shard_count_is_refused_before_any_child_starts(tmp_path, nodes):

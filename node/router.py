@@ -1,0 +1,953 @@
+"""Router: the client ROUTER socket, one DEALER per shard, the ts oracle, 2PC, the barrier.
+
+    python -m node.router --spec '{"role": "router", "shards": 2, "data_dir": ...,
+                                   "run_dir": ..., "config": {...}}'
+
+Single-threaded and asynchronous: every request becomes messages appended to per-shard
+outboxes plus callbacks keyed by `rid`; at the end of each loop pass every outbox goes
+out as one frame (a `multi` when it holds several messages), so a slow shard never
+blocks the others and any number of client requests may be in flight.
+
+Key placement: shard = zlib.crc32(key) % shards (stable across processes and versions).
+
+Ordering invariant (DESIGN.md): a message carrying ts T is appended to the outboxes of all
+its shards when T is allocated, and outboxes are sent in append order, so every shard
+sees messages in allocation order. Reads use S = last allocated ts.
+
+2PC: txn id = its ts T (unique, never reused). prepare(T) to all participants; all ok ->
+commit_prepared to all (the decision is durable once one shard holds outcome/T); reply
+after the acks; forget once every participant acked. Recovery (router start, or a shard
+with a new incarnation or back from silence): a prepared txn commits iff some participant
+has an outcome record for it, else it is aborted; a shard gets no other message until
+its prepared txns are resolved.
+"""
+import collections
+import json
+import os
+import shutil
+import sys
+import time
+import zlib
+
+import zmq
+
+from node.protocol import Limits, ProtocolError, decode_request, encode_error, encode_reply
+from node.timestamps import TimestampOracle
+from shard import messages as m
+from shard.histogram import Histogram
+from shard.worker import EXIT_FATAL, SignalPipe, SupervisorLink, parse_spec, set_parent_death_signal
+
+MAX_DRAIN = 1024        # client frames taken per loop pass
+POLL_MS = 20
+
+
+def shard_of(key: bytes, shards: int) -> int:
+    return zlib.crc32(key) % shards
+
+
+def err(code: str, message: str, retryable: bool = False, **extra) -> dict:
+    return {"code": code, "message": message, "retryable": retryable, **extra}
+
+
+def unavailable(message: str, **extra) -> dict:
+    return err("unavailable", message, True, **extra)
+
+
+def prefix_end(prefix: bytes):
+    """Smallest key greater than every key starting with prefix (None: unbounded)."""
+    p = prefix.rstrip(b"\xff")
+    return p[:-1] + bytes([p[-1] + 1]) if p else None
+
+
+def is_loopback(endpoint: str) -> bool:
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[6:].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+class ShardLink:
+    """The router's view of one shard: socket, incarnation, state, unsent messages."""
+
+    def __init__(self, index: int, sock):
+        self.index = index
+        self.sock = sock
+        self.inc = None
+        self.state = "down"        # down -> resolving -> up
+        self.last_pong = time.monotonic()
+        self.outbox = []
+        self.pending = set()       # rids in flight at this shard
+        self.max_ts = 0
+        self.block = 0
+        self.pid = None
+
+
+class TwoPC:
+    """A cross-shard txn from prepare until every participant applied the decision."""
+    __slots__ = ("ts", "participants", "done", "decision", "on_decided", "unacked")
+
+    def __init__(self, ts, participants, done):
+        self.ts = ts
+        self.participants = participants
+        self.done = done               # callback(result) to the requester
+        self.decision = None           # None (undecided) | "commit" | "abort"
+        self.on_decided = []
+        self.unacked = set()           # participants that have not acked commit_prepared
+
+
+class Request:
+    __slots__ = ("envelope", "id", "op", "t0")
+
+    def __init__(self, envelope, id, op, t0):
+        self.envelope, self.id, self.op, self.t0 = envelope, id, op, t0
+
+
+class BatchRun:
+    __slots__ = ("req", "txns", "results", "next", "finished", "undecided")
+
+    def __init__(self, req, txns):
+        self.req = req
+        self.txns = txns
+        self.results = [None] * len(txns)
+        self.next = 0
+        self.finished = 0
+        self.undecided = {}            # TwoPC -> key set, for entries still undecided
+
+
+class Router:
+    def __init__(self, spec: dict):
+        self.config = spec["config"]
+        self.nshards = int(spec["shards"])
+        self.data_dir = spec["data_dir"]
+        self.run_dir = spec["run_dir"]
+        node = self.config.get("node", {})
+        self.listen = spec.get("listen") or node.get("listen", "tcp://127.0.0.1:7450")
+        rc = self.config.get("router", {})
+        self.request_timeout = float(rc.get("request_timeout_secs", 5.0))
+        self.ping_interval = float(rc.get("ping_interval_secs", 0.2))
+        self.shard_timeout = float(rc.get("shard_timeout_secs", 2.0))
+        self.stats_interval = float(self.config.get("supervisor", {}).get("stats_interval_secs", 0.5))
+        self.keep_versions = int(self.config.get("prune", {}).get("keep_versions", 3))
+        self.limits = Limits.from_dict(self.config.get("limits", {}))
+        self.max_frame = int(self.config.get("limits", {}).get("max_frame_bytes", 16 << 20))
+        self.oracle = TimestampOracle(os.path.join(self.data_dir, "timestamp"))
+        self.ctx = zmq.Context.instance()
+        self.parent = os.getppid()
+        self.ready = False
+        self.stopping = False
+        self.links = []
+        self.pending = {}              # rid -> (link, callback, deadline), in send order
+        self.next_rid = 1
+        self.txns = {}                 # ts -> TwoPC not yet finished
+        self.undecided = 0             # 2PC txns prepared but not decided
+        self.barriers = collections.deque()   # callbacks(S) waiting for no undecided 2PC
+        self.held = []                 # 2PC starts held back by a barrier
+        self.recovered_commits = set() # txns committed by recovery: forget once all shards up
+        self.block_height = 0
+        self.inflight = 0
+        self.next_ping = 0.0
+        self.next_stats = 0.0
+        # metrics
+        self.req_hist = {}
+        self.results = collections.Counter()
+        self.twopc = collections.Counter()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def boot(self) -> None:
+        self.status = SupervisorLink(self.ctx, self.run_dir, "router")
+        try:
+            if not is_loopback(self.listen) and not self.config.get("security", {}).get("curve_server_secret_file"):
+                raise ValueError(f"refusing non-loopback listen {self.listen} without CURVE keys")
+            self.client = self.ctx.socket(zmq.ROUTER)
+            self.client.setsockopt(zmq.LINGER, 0)
+            self.client.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
+            self.client.setsockopt(zmq.SNDHWM, 100_000)
+            self.client.setsockopt(zmq.RCVHWM, 100_000)
+            self.client.bind(self.listen)
+        except Exception as exc:
+            self.status.send("fatal", error=f"router: {type(exc).__name__}: {exc}")
+            self.status.close()
+            sys.stderr.write(f"router: cannot boot: {exc}\n")
+            sys.exit(EXIT_FATAL)
+        for i in range(self.nshards):
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)   # no queueing towards a shard that is gone
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.connect(f"ipc://{self.run_dir}/shard-{i}.sock")
+            self.links.append(ShardLink(i, sock))
+        self.signals = SignalPipe()
+        self.poller = zmq.Poller()
+        for link in self.links:
+            self.poller.register(link.sock, zmq.POLLIN)
+        self.poller.register(self.signals.r, zmq.POLLIN)
+
+    def run(self) -> int:
+        self.boot()
+        grace_deadline = None
+        while True:
+            self.loop_pass()
+            if self.stopping:
+                if grace_deadline is None:
+                    grace_deadline = time.monotonic() + self.request_timeout + 1
+                    if self.ready:
+                        self.poller.unregister(self.client)
+                if self.inflight == 0 or time.monotonic() > grace_deadline:
+                    break
+        self.flush_outboxes()
+        for link in self.links:
+            link.sock.close()
+        self.client.close()
+        self.status.close()
+        return 0
+
+    def loop_pass(self) -> None:
+        events = dict(self.poller.poll(POLL_MS))
+        if self.signals.r in events:
+            for _ in self.signals.drain():
+                self.stopping = True
+        for link in self.links:
+            if link.sock in events:
+                self.drain_shard(link)
+        if self.ready and not self.stopping and self.client in events:
+            self.drain_clients()
+        now = time.monotonic()
+        self.run_timers(now)
+        self.flush_outboxes()
+
+    def become_ready(self) -> None:
+        self.ready = True
+        self.poller.register(self.client, zmq.POLLIN)
+        self.status.send("ready")
+
+    # ------------------------------------------------------------ shard messaging
+
+    def send(self, link: ShardLink, msg: dict, callback) -> None:
+        rid = self.next_rid
+        self.next_rid += 1
+        msg["rid"] = rid
+        msg["inc"] = link.inc
+        link.outbox.append(msg)
+        link.pending.add(rid)
+        self.pending[rid] = (link, callback, time.monotonic() + self.request_timeout)
+
+    def scatter(self, msgs: dict, done) -> None:
+        """Send msgs {shard: msg}; done({shard: reply}) once every shard answered or failed."""
+        replies = {}
+        want = len(msgs)
+
+        def collect(reply, s):
+            replies[s] = reply
+            if len(replies) == want:
+                done(replies)
+        for s, msg in msgs.items():
+            self.send(self.links[s], msg, lambda reply, s=s: collect(reply, s))
+
+    def flush_outboxes(self) -> None:
+        for link in self.links:
+            if not link.outbox:
+                continue
+            box, link.outbox = link.outbox, []
+            frame = m.pack(box[0] if len(box) == 1 else {"op": m.MULTI, "msgs": box})
+            try:
+                link.sock.send(frame, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                for msg in box:   # not connected: fail these now rather than at the timeout
+                    self.complete(msg["rid"], m.error(msg["rid"], m.STALE_INC, "shard not connected", True))
+
+    def drain_shard(self, link: ShardLink) -> None:
+        while True:
+            try:
+                frame = link.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                replies = m.replies_of(m.unpack(frame))
+            except Exception:
+                continue
+            for reply in replies:
+                if isinstance(reply, dict):
+                    self.complete(reply.get("rid"), reply)
+
+    def complete(self, rid, reply: dict) -> None:
+        entry = self.pending.pop(rid, None)
+        if entry is None:
+            return  # late reply for a request already failed
+        link, callback, _ = entry
+        link.pending.discard(rid)
+        try:
+            callback(reply)
+        except Exception as exc:  # a bug in a callback must not take the router down
+            sys.stderr.write(f"router: callback error: {type(exc).__name__}: {exc}\n")
+
+    def fail_link(self, link: ShardLink, why: str) -> None:
+        """The shard died, restarted or went silent: fail everything pending there."""
+        link.state = "down"
+        unsent, link.outbox = link.outbox, []
+        for msg in unsent:        # never sent: not executed
+            self.complete(msg["rid"], m.error(msg["rid"], m.STALE_INC, why, True))
+        for rid in list(link.pending):
+            self.complete(rid, m.error(rid, "unavailable", why, True, lost=True))
+
+    def run_timers(self, now: float) -> None:
+        # request timeouts: every request has the same timeout, so pending is in deadline order
+        while self.pending:
+            rid = next(iter(self.pending))
+            if self.pending[rid][2] > now:
+                break
+            self.complete(rid, m.error(rid, "unavailable", "shard did not answer in time", True, lost=True))
+        if now >= self.next_ping:
+            self.next_ping = now + self.ping_interval
+            for link in self.links:
+                if link.inc is not None and link.state != "down" and now - link.last_pong > self.shard_timeout:
+                    self.fail_link(link, f"shard {link.index} did not answer pings")
+                self.send(link, {"op": m.PING}, lambda reply, link=link: self.on_pong(link, reply))
+            if os.getppid() != self.parent:
+                self.stopping = True
+        if now >= self.next_stats:
+            self.next_stats = now + self.stats_interval
+            self.status.send("stats", snapshot=self.snapshot())
+
+    def on_pong(self, link: ShardLink, reply: dict) -> None:
+        if not reply.get("ok"):
+            return
+        link.last_pong = time.monotonic()
+        link.max_ts = max(link.max_ts, int(reply.get("max_ts", 0)))
+        link.block = int(reply.get("block", 0))
+        link.pid = reply.get("pid")
+        if reply["inc"] != link.inc:
+            if link.inc is not None:
+                self.fail_link(link, f"shard {link.index} restarted")
+            link.inc = reply["inc"]
+            link.state = "down"
+        if link.state == "down":
+            if not self.ready and any(l.inc is None for l in self.links):
+                return  # at boot: first learn every shard's max_ts
+            if not self.ready and self.oracle.last == 0:
+                self.oracle.start(max(l.max_ts for l in self.links))
+                self.block_height = max(l.block for l in self.links)
+            self.resolve(link)
+
+    # ------------------------------------------------------------ recovery
+
+    def resolve(self, link: ShardLink) -> None:
+        """Resolve the shard's prepared txns, then mark it up (DESIGN.md recovery rule)."""
+        link.state = "resolving"
+
+        def on_info(reply):
+            if not reply.get("ok"):
+                link.state = "down"   # retried on the next pong
+                return
+            prepared = {int(p["txn"]): p for p in reply.get("prepared", [])}
+            unknown = {}
+            for txn, p in prepared.items():
+                known = self.txns.get(txn)
+                if known is not None:
+                    if known.decision is None:
+                        self.decide(known, False, unavailable(f"shard {link.index} restarted", outcome="aborted"))
+                else:
+                    unknown[txn] = p
+            if not unknown:
+                return self.apply_known(link, prepared)
+            self.query_outcomes(link, prepared, unknown)
+        self.send(link, {"op": m.RECOVER_INFO}, on_info)
+
+    def query_outcomes(self, link, prepared, unknown) -> None:
+        asked = set()
+        for p in unknown.values():
+            asked.update(int(s) for s in p.get("participants", []))
+        asked.add(link.index)
+        if any(self.links[s].inc is None or (self.links[s].state == "down" and s != link.index)
+               for s in asked):
+            link.state = "down"       # a participant is unreachable: retry on the next pong
+            return
+        txns = list(unknown)
+
+        def on_outcomes(replies):
+            if link.state != "resolving":
+                return
+            outcomes = {}
+            for reply in replies.values():
+                if not reply.get("ok"):
+                    link.state = "down"
+                    return
+                for txn, ts in reply.get("outcomes", {}).items():
+                    outcomes[int(txn)] = int(ts)
+            for txn in txns:
+                if txn in outcomes:
+                    self.recovered_commits.add(txn)
+                    unknown[txn]["commit_ts"] = outcomes[txn]
+            self.apply_known(link, prepared)
+        self.scatter({s: {"op": m.RECOVER_INFO, "txns": txns} for s in asked}, on_outcomes)
+
+    def apply_known(self, link: ShardLink, prepared: dict) -> None:
+        msgs = []
+        for txn, p in prepared.items():
+            known = self.txns.get(txn)
+            if known is not None and known.decision == "commit":
+                msgs.append((known, {"op": m.COMMIT_PREPARED, "txn": txn, "ts": known.ts}))
+            elif known is None and "commit_ts" in p:
+                msgs.append((None, {"op": m.COMMIT_PREPARED, "txn": txn, "ts": p["commit_ts"]}))
+            else:
+                msgs.append((None, {"op": m.ABORT_PREPARED, "txn": txn}))
+        left = [len(msgs)]
+
+        def one_done(reply, known):
+            if not reply.get("ok"):
+                link.state = "down"
+                return
+            if known is not None:
+                self.commit_acked(known, link.index)
+            left[0] -= 1
+            if left[0] == 0 and link.state == "resolving":
+                self.link_up(link)
+        for known, msg in msgs:
+            self.send(link, msg, lambda reply, known=known: one_done(reply, known))
+        if not msgs:
+            self.link_up(link)
+
+    def link_up(self, link: ShardLink) -> None:
+        link.state = "up"
+        if all(l.state == "up" for l in self.links):
+            if self.recovered_commits:   # no shard holds them prepared any more
+                txns = sorted(self.recovered_commits)
+                self.recovered_commits.clear()
+                for l in self.links:
+                    self.send(l, {"op": m.FORGET, "txns": txns}, lambda reply: None)
+            if not self.ready:
+                self.become_ready()
+
+    # ------------------------------------------------------------ client side
+
+    def drain_clients(self) -> None:
+        for _ in range(MAX_DRAIN):
+            try:
+                frames = self.client.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            envelope, payload = frames[:-1], frames[-1]
+            t0 = time.monotonic()
+            try:
+                req = decode_request(payload, self.limits)
+            except ProtocolError as exc:
+                self.results[("invalid", exc.code)] += 1
+                self.send_client(envelope, exc.reply())
+                continue
+            except Exception as exc:
+                self.results[("invalid", "internal")] += 1
+                self.send_client(envelope, encode_error(None, "internal", f"decode: {exc!r}", False))
+                continue
+            ctx = Request(envelope, req.get("id"), req["op"], t0)
+            self.inflight += 1
+            try:
+                getattr(self, "op_" + req["op"])(ctx, req)
+            except Exception as exc:
+                self.fail(ctx, err("internal", f"{type(exc).__name__}: {exc}"))
+
+    def send_client(self, envelope, payload: bytes) -> None:
+        try:
+            self.client.send_multipart(envelope + [payload], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # client gone or not reading: ROUTER drops it
+
+    def finish(self, ctx: Request, result: str, payload: bytes) -> None:
+        if ctx.envelope is None:
+            return  # already answered
+        self.send_client(ctx.envelope, payload)
+        ctx.envelope = None
+        self.inflight -= 1
+        self.results[(ctx.op, result)] += 1
+        hist = self.req_hist.get(ctx.op)
+        if hist is None:
+            hist = self.req_hist[ctx.op] = Histogram()
+        hist.observe(time.monotonic() - ctx.t0)
+
+    def reply(self, ctx: Request, **fields) -> None:
+        self.finish(ctx, "ok", encode_reply(ctx.id, **fields))
+
+    def fail(self, ctx: Request, error: dict) -> None:
+        error = dict(error)
+        self.finish(ctx, error["code"], encode_error(ctx.id, error.pop("code"), error.pop("message"),
+                                                     error.pop("retryable"), **error))
+
+    def shards_up(self, shards) -> bool:
+        return all(self.links[s].state == "up" for s in shards)
+
+    def all_up(self) -> bool:
+        return all(l.state == "up" for l in self.links)
+
+    @staticmethod
+    def shard_error(reply: dict) -> dict:
+        """A client error from a failed shard reply."""
+        e = reply.get("error") or {}
+        code = e.get("code")
+        if code in ("conflict", "too_old", "bad_request", "not_found", "internal", "too_large"):
+            return dict(e)
+        return unavailable(e.get("message", "shard unavailable"))
+
+    def snapshot_ts(self, at):
+        if at is None:
+            return self.oracle.last, None
+        if at > self.oracle.last:
+            return None, err("bad_request", f"at={at} is in the future (latest ts {self.oracle.last})")
+        return at, None
+
+    # -- ping, get, scan
+
+    def op_ping(self, ctx, req):
+        self.reply(ctx, version=1, shards=self.nshards, ts=self.oracle.last)
+
+    def op_get(self, ctx, req):
+        keys = req["keys"]
+        S, error = self.snapshot_ts(req.get("at"))
+        if error:
+            return self.fail(ctx, error)
+        n = self.nshards
+        groups = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(zlib.crc32(key) % n, []).append(i)
+        if not self.shards_up(groups):
+            return self.fail(ctx, unavailable("a shard is down or restarting"))
+        if not groups:
+            return self.reply(ctx, ts=S, values=[], versions=[])
+
+        def done(replies):
+            values = [None] * len(keys)
+            versions = [0] * len(keys)
+            for s, reply in replies.items():
+                if not reply.get("ok"):
+                    return self.fail(ctx, self.shard_error(reply))
+                for i, v, ver in zip(groups[s], reply["values"], reply["versions"]):
+                    values[i] = v
+                    versions[i] = ver
+            self.reply(ctx, ts=S, values=values, versions=versions)
+        self.scatter({s: {"op": m.READ, "keys": [keys[i] for i in idx], "at": S}
+                      for s, idx in groups.items()}, done)
+
+    def op_scan(self, ctx, req):
+        S, error = self.snapshot_ts(req.get("at"))
+        if error:
+            return self.fail(ctx, error)
+        start, end, prefix = req.get("start"), req.get("end"), req.get("prefix")
+        limit = int(req.get("limit") or 1000)
+        if prefix:
+            start = prefix if start is None else max(start, prefix)
+            pend = prefix_end(prefix)
+            end = pend if end is None else (end if pend is None else min(end, pend))
+        if start is not None and end is not None and start >= end:
+            return self.reply(ctx, ts=S, items=[], more=False)
+        if not self.all_up():
+            return self.fail(ctx, unavailable("a shard is down or restarting"))
+
+        def done(replies):
+            items, more = [], False
+            for reply in replies.values():
+                if not reply.get("ok"):
+                    return self.fail(ctx, self.shard_error(reply))
+                items.extend(reply["items"])
+                more = more or reply["more"]
+            items.sort(key=lambda it: it[0])
+            # a shard with `more` returned `limit` items, all below its unseen keys, so the
+            # first `limit` merged items are exact
+            more = more or len(items) > limit
+            self.reply(ctx, ts=S, items=items[:limit], more=more)
+        self.scatter({s: {"op": m.SCAN, "start": start, "end": end, "limit": limit, "at": S}
+                      for s in range(self.nshards)}, done)
+
+    # -- txn and batch
+
+    def op_txn(self, ctx, req):
+        def done(result):
+            if result["ok"]:
+                self.reply(ctx, commit_ts=result["commit_ts"])
+            else:
+                self.fail(ctx, result["error"])
+        self.start_txn(req, done)
+
+    def start_txn(self, t: dict, done):
+        """Start one txn; done({"ok": True, "commit_ts"} | {"ok": False, "error"}).
+        Returns the TwoPC when the txn is cross-shard and undecided, else None."""
+        n = self.nshards
+        parts = {}
+        for key, ver in t["reads"]:
+            parts.setdefault(zlib.crc32(key) % n, ([], []))[0].append((key, ver))
+        for key, val in t["writes"]:
+            parts.setdefault(zlib.crc32(key) % n, ([], []))[1].append((key, val))
+        if not self.shards_up(parts):
+            done({"ok": False, "error": unavailable("a shard is down or restarting", outcome="aborted")})
+            return None
+        if not t["writes"]:
+            return self.validate_only(parts, done)
+        if len(parts) == 1:
+            (s, (reads, writes)), = parts.items()
+            ts = self.oracle.next()
+
+            def on_commit(reply):
+                if reply.get("ok"):
+                    return done({"ok": True, "commit_ts": ts})
+                done({"ok": False, "error": self.txn_error(reply)})
+            self.send(self.links[s], {"op": m.COMMIT, "ts": ts, "reads": reads, "writes": writes},
+                      on_commit)
+            return None
+        if self.barriers:
+            self.held.append(lambda: self.start_txn(t, done))
+            return None
+        return self.start_2pc(parts, done)
+
+    @staticmethod
+    def txn_error(reply: dict) -> dict:
+        e = reply.get("error") or {}
+        code = e.get("code")
+        if code == m.STALE_INC:
+            return unavailable("shard restarted", outcome="aborted")
+        if code == "unavailable" or code is None:
+            return unavailable(e.get("message", "shard unavailable"),
+                               outcome="unknown" if e.get("lost") else "aborted")
+        return Router.shard_error(reply)
+
+    def validate_only(self, parts, done):
+        S = self.oracle.last
+        if not parts:
+            done({"ok": True, "commit_ts": S})
+            return None
+
+        def on_replies(replies):
+            keys = []
+            for reply in replies.values():
+                if not reply.get("ok"):
+                    e = reply.get("error") or {}
+                    if e.get("code") != "conflict":
+                        error = self.txn_error(reply)
+                        if error["code"] == "unavailable":
+                            error["outcome"] = "aborted"   # validation never writes
+                        return done({"ok": False, "error": error})
+                    keys.extend(e.get("keys", []))
+            if keys:
+                return done({"ok": False, "error": err("conflict", "read versions changed", True, keys=keys)})
+            done({"ok": True, "commit_ts": S})
+        self.scatter({s: {"op": m.VALIDATE, "reads": reads} for s, (reads, _) in parts.items()}, on_replies)
+        return None
+
+    def start_2pc(self, parts, done) -> TwoPC:
+        ts = self.oracle.next()
+        participants = sorted(parts)
+        txn = TwoPC(ts, participants, done)
+        self.txns[ts] = txn
+        self.undecided += 1
+        self.twopc["started"] += 1
+
+        def on_prepared(replies):
+            if txn.decision is not None:
+                return   # decided already (a participant restarted mid-prepare)
+            conflict_keys, failure = [], None
+            for reply in replies.values():
+                if reply.get("ok"):
+                    continue
+                e = reply.get("error") or {}
+                if e.get("code") == "conflict":
+                    conflict_keys.extend(e.get("keys", []))
+                elif failure is None:
+                    failure = self.shard_error(reply)
+                    if failure["code"] == "unavailable":
+                        failure["outcome"] = "aborted"
+            if conflict_keys:
+                self.decide(txn, False, err("conflict", "read versions changed or key locked", True,
+                                            keys=conflict_keys))
+            elif failure is not None:
+                self.decide(txn, False, failure)
+            else:
+                self.decide(txn, True)
+        self.scatter({s: {"op": m.PREPARE, "txn": ts, "ts": ts, "reads": reads, "writes": writes,
+                          "participants": participants}
+                      for s, (reads, writes) in parts.items()}, on_prepared)
+        return txn
+
+    def decide(self, txn: TwoPC, commit: bool, error: dict = None) -> None:
+        txn.decision = "commit" if commit else "abort"
+        self.undecided -= 1
+        if commit:
+            self.twopc["committed"] += 1
+            txn.unacked = set(txn.participants)
+            answers = {}
+
+            def on_all(replies):
+                if any(r.get("ok") for r in replies.values()):
+                    txn.done({"ok": True, "commit_ts": txn.ts})   # durable at >= 1 shard
+                else:
+                    txn.done({"ok": False, "error": unavailable("commit not acknowledged", outcome="unknown")})
+                for s, r in replies.items():
+                    if r.get("ok"):
+                        self.commit_acked(txn, s)
+            for s in txn.participants:
+                if self.links[s].state == "up":
+                    answers[s] = {"op": m.COMMIT_PREPARED, "txn": txn.ts, "ts": txn.ts}
+            if answers:
+                self.scatter(answers, on_all)
+            else:
+                txn.done({"ok": False, "error": unavailable("participants down", outcome="unknown")})
+        else:
+            self.twopc["aborted"] += 1
+            for s in txn.participants:
+                if self.links[s].state == "up":
+                    self.send(self.links[s], {"op": m.ABORT_PREPARED, "txn": txn.ts}, lambda reply: None)
+            self.txns.pop(txn.ts, None)   # a leftover prepare is aborted by recovery (no outcome)
+            txn.done({"ok": False, "error": error})
+        for hook in txn.on_decided:
+            hook()
+        self.check_barriers()
+
+    def commit_acked(self, txn: TwoPC, shard: int) -> None:
+        txn.unacked.discard(shard)
+        if not txn.unacked and self.txns.pop(txn.ts, None) is not None:
+            for s in txn.participants:
+                if self.links[s].state in ("up", "resolving"):
+                    self.send(self.links[s], {"op": m.FORGET, "txns": [txn.ts]}, lambda reply: None)
+
+    def op_batch(self, ctx, req):
+        run = BatchRun(ctx, req["txns"])
+        if not run.txns:
+            return self.reply(ctx, results=[])
+        self.pump_batch(run)
+
+    def pump_batch(self, run: BatchRun) -> None:
+        while run.next < len(run.txns):
+            t = run.txns[run.next]
+            keys = None
+            if run.undecided:
+                keys = {k for k, _ in t["reads"]} | {k for k, _ in t["writes"]}
+                if any(keys & ks for ks in run.undecided.values()):
+                    return   # resumed when that entry is decided
+            if self.barriers and self.is_cross_shard(t):
+                self.held.append(lambda: self.pump_batch(run))
+                return
+            i = run.next
+            run.next += 1
+            txn = self.start_txn(t, lambda result, i=i: self.batch_entry_done(run, i, result))
+            if txn is not None and txn.decision is None:
+                if keys is None:
+                    keys = {k for k, _ in t["reads"]} | {k for k, _ in t["writes"]}
+                run.undecided[txn] = keys
+                txn.on_decided.append(lambda txn=txn: self.batch_decided(run, txn))
+
+    def batch_decided(self, run: BatchRun, txn: TwoPC) -> None:
+        run.undecided.pop(txn, None)
+        self.pump_batch(run)
+
+    def batch_entry_done(self, run: BatchRun, i: int, result: dict) -> None:
+        run.results[i] = result
+        run.finished += 1
+        if run.finished == len(run.txns):
+            self.reply(run.req, results=run.results)
+
+    def is_cross_shard(self, t) -> bool:
+        n = self.nshards
+        shards = {zlib.crc32(k) % n for k, _ in t["reads"]} | {zlib.crc32(k) % n for k, _ in t["writes"]}
+        return len(shards) > 1 and bool(t["writes"])
+
+    # -- barrier ops: flush, checkpoint create
+
+    def barrier(self, fn) -> None:
+        """Run fn(S) once no 2PC txn is undecided; new 2PC starts wait until then."""
+        self.barriers.append(fn)
+        self.check_barriers()
+
+    def check_barriers(self) -> None:
+        while self.barriers and self.undecided == 0:
+            fn = self.barriers.popleft()
+            fn(self.oracle.next())
+        if not self.barriers and self.held:
+            held, self.held = self.held, []
+            for resume in held:
+                resume()
+
+    def op_flush(self, ctx, req):
+        if not self.all_up():
+            return self.fail(ctx, unavailable("a shard is down or restarting"))
+
+        def at_cut(S):
+            def done(replies):
+                keys = nbytes = 0
+                for reply in replies.values():
+                    if not reply.get("ok"):
+                        return self.fail(ctx, self.shard_error(reply))
+                    keys += int(reply.get("keys", 0))
+                    nbytes += int(reply.get("bytes", 0))
+                self.reply(ctx, flush_ts=S, keys=keys, bytes=nbytes)
+            self.scatter({s: {"op": m.FLUSH, "ts": S} for s in range(self.nshards)}, done)
+        self.barrier(at_cut)
+
+    def checkpoints_dir(self) -> str:
+        return os.path.join(self.data_dir, "checkpoints")
+
+    def op_checkpoint(self, ctx, req):
+        action = req.get("action")
+        name = req.get("name")
+        if name is not None and (not name or "/" in name or name.startswith(".")):
+            return self.fail(ctx, err("bad_request", f"invalid checkpoint name {name!r}"))
+        if action == "create":
+            return self.checkpoint_create(ctx, name)
+        if action == "list":
+            return self.reply(ctx, checkpoints=self.checkpoint_list())
+        if action == "delete":
+            if name is None:
+                return self.fail(ctx, err("bad_request", "delete needs a name"))
+            path = os.path.join(self.checkpoints_dir(), name)
+            if not os.path.isdir(path):
+                return self.fail(ctx, err("not_found", f"no checkpoint named {name!r}"))
+            shutil.rmtree(path)
+            return self.reply(ctx)
+        self.fail(ctx, err("bad_request", f"unknown checkpoint action {action!r}"))
+
+    def checkpoint_create(self, ctx, name):
+        if name is None:
+            now = time.time()
+            name = time.strftime("ckpt-%Y%m%d-%H%M%S", time.gmtime(now)) + f"-{int(now * 1000) % 1000:03d}"
+        path = os.path.join(self.checkpoints_dir(), name)
+        if os.path.exists(path):
+            return self.fail(ctx, err("bad_request", f"checkpoint {name!r} already exists"))
+        if not self.all_up():
+            return self.fail(ctx, unavailable("a shard is down or restarting"))
+        os.makedirs(path, mode=0o700)
+
+        def at_cut(S):
+            block = self.block_height
+
+            def done(replies):
+                for reply in replies.values():
+                    if not reply.get("ok"):
+                        shutil.rmtree(path, ignore_errors=True)
+                        return self.fail(ctx, self.shard_error(reply))
+                created = time.time()
+                manifest = {"name": name, "ts": S, "block": block, "created_at": created,
+                            "shards": self.nshards}
+                tmp = os.path.join(path, "MANIFEST.json.tmp")
+                with open(tmp, "w") as f:
+                    json.dump(manifest, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, os.path.join(path, "MANIFEST.json"))   # written last: now it exists
+                self.reply(ctx, name=name, ts=S, block=block, created_at=created)
+            self.scatter({s: {"op": m.CHECKPOINT, "dir": os.path.join(path, f"shard-{s}"), "ts": S}
+                          for s in range(self.nshards)}, done)
+        self.barrier(at_cut)
+
+    def checkpoint_list(self) -> list:
+        out = []
+        base = self.checkpoints_dir()
+        if not os.path.isdir(base):
+            return out
+        for name in sorted(os.listdir(base)):
+            try:
+                with open(os.path.join(base, name, "MANIFEST.json")) as f:
+                    man = json.load(f)
+            except (OSError, ValueError):
+                continue   # incomplete or foreign directory: not a checkpoint
+            out.append({"name": man.get("name", name), "ts": man.get("ts"), "block": man.get("block"),
+                        "created_at": man.get("created_at"), "bytes": disk_usage(os.path.join(base, name))})
+        out.sort(key=lambda c: c["created_at"] or 0)
+        return out
+
+    # -- block, prune, stats
+
+    def op_block(self, ctx, req):
+        height = int(req["height"])
+        if height <= self.block_height:
+            return self.fail(ctx, err("bad_request", f"block height must increase (current {self.block_height})"))
+        if not self.all_up():
+            return self.fail(ctx, unavailable("a shard is down or restarting"))
+        previous, self.block_height = self.block_height, height
+
+        def done(replies):
+            for reply in replies.values():
+                if not reply.get("ok"):
+                    if self.block_height == height:
+                        self.block_height = previous
+                    return self.fail(ctx, self.shard_error(reply))
+            self.reply(ctx, height=height, flushed=any(r.get("flushed") for r in replies.values()))
+        self.scatter({s: {"op": m.BLOCK, "height": height} for s in range(self.nshards)}, done)
+
+    def op_prune(self, ctx, req):
+        keep = req.get("keep_versions")
+        keep = self.keep_versions if keep is None else int(keep)
+        if keep < 1:
+            return self.fail(ctx, err("bad_request", "keep_versions must be >= 1"))
+        if not self.all_up():
+            return self.fail(ctx, unavailable("a shard is down or restarting"))
+
+        def done(replies):
+            total = 0
+            for reply in replies.values():
+                if not reply.get("ok"):
+                    return self.fail(ctx, self.shard_error(reply))
+                total += int(reply.get("versions_removed", 0))
+            self.reply(ctx, versions_removed=total)
+        self.scatter({s: {"op": m.PRUNE, "keep_versions": keep} for s in range(self.nshards)}, done)
+
+    def op_stats(self, ctx, req):
+        up = [s for s in range(self.nshards) if self.links[s].state == "up"]
+
+        def done(replies):
+            shards = []
+            for s in range(self.nshards):
+                reply = replies.get(s)
+                if reply is None or not reply.get("ok"):
+                    shards.append({"shard": s, "pid": self.links[s].pid, "up": False})
+                    continue
+                shards.append(shard_entry(s, reply))
+            node = {"supervisor_pid": os.getppid(), "router_pid": os.getpid(), "ts": self.oracle.last,
+                    "block_height": self.block_height, "shards": self.nshards,
+                    "inflight": self.inflight, "twopc": dict(self.twopc),
+                    "requests": {f"{op}:{res}": n for (op, res), n in self.results.items()}}
+            self.reply(ctx, node=node, shards=shards)
+        if not up:
+            return done({})
+        self.scatter({s: {"op": m.STATS} for s in up}, done)
+
+    def snapshot(self) -> dict:
+        return {"role": "router", "pid": os.getpid(), "ts": time.time(), "commit_ts": self.oracle.last,
+                "block_height": self.block_height,
+                "requests": {op: h.snapshot() for op, h in self.req_hist.items()},
+                "results": [[op, res, n] for (op, res), n in self.results.items()],
+                "twopc": dict(self.twopc), "inflight": self.inflight,
+                "shards_up": {str(l.index): l.state == "up" for l in self.links}}
+
+
+def shard_entry(s: int, st: dict) -> dict:
+    txn = st.get("txn", {})
+    flush = st.get("flush", {})
+    return {"shard": s, "pid": st.get("pid"), "up": True, "inc": st.get("inc"),
+            "keys": st.get("keys", 0), "versions": st.get("versions", 0),
+            "txn_committed": txn.get("committed", 0), "txn_conflict": txn.get("conflict", 0),
+            "tps": st.get("tps", 0.0), "latency_p50_ms": st.get("latency_p50_ms", 0.0),
+            "latency_p90_ms": st.get("latency_p90_ms", 0.0), "latency_p99_ms": st.get("latency_p99_ms", 0.0),
+            "flush": {k: flush.get(k, 0) for k in ("flush_count", "keys_flushed", "bytes_flushed",
+                                                   "last_flush_ts", "last_flush_block")},
+            "horizon": st.get("horizon", 0), "max_ts": st.get("max_ts", 0),
+            "block_height": st.get("block_height", 0), "prepared": st.get("prepared", 0)}
+
+
+def disk_usage(path: str) -> int:
+    """Bytes used by files under path, each inode once (checkpoints are hard links)."""
+    seen, total = set(), 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def main(argv=None) -> int:
+    spec = parse_spec(argv)
+    set_parent_death_signal()
+    return Router(spec).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,587 @@
+"""ShardEngine: durable MVCC for one shard, usable in-process with no sockets.
+
+Composition: `storage` (RocksDB column families data/log/meta), `commitlog` (group commit
+and replay), `mvcc` (active + frozen memtables, row cache), `flush` / `prune` (incremental
+jobs), `checkpoint`. See DESIGN.md "Shard engine API" for the contract.
+
+Memory is updated at call time; records are staged and written by `sync()` in one WAL-on
+batch. The worker replies only after `sync()`, so nothing is acknowledged before durable.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import time
+
+import msgpack
+
+from . import commitlog as cl
+from .commitlog import CommitLog
+from .config import EngineConfig
+from .errors import BadRequest, Blocked, Conflict, StorageMismatch, TooOld
+from .keycodec import enc, split_version_key, untag, version_key
+from .mvcc import ABSENT, RowCache, newest_at
+from .storage import open_db
+
+_packb = msgpack.packb
+
+
+def _check_writes(writes) -> None:
+    for item in writes:
+        if len(item) != 2:
+            raise BadRequest("a write must be [key, value | nil]")
+        key, value = item
+        if type(key) is not bytes or not key:
+            raise BadRequest(f"write key must be non-empty bytes, got {type(key).__name__}")
+        if value is not None and type(value) is not bytes:
+            raise BadRequest(f"write value must be bytes or nil, got {type(value).__name__}")
+
+
+def _check_reads(reads) -> None:
+    for item in reads:
+        if len(item) != 2:
+            raise BadRequest("a read must be [key, version]")
+        key, version = item
+        if type(key) is not bytes or not key:
+            raise BadRequest(f"read key must be non-empty bytes, got {type(key).__name__}")
+        if type(version) is not int or version < 0:
+            raise BadRequest("read version must be an int >= 0")
+
+
+class ShardEngine:
+    """One shard's data. Not thread-safe: one loop owns it (the worker, or a test)."""
+
+    def __init__(self, storage, path: str, shard_id: int, shard_count: int, config: EngineConfig):
+        self.storage = storage
+        self.path = path
+        self.shard_id = shard_id
+        self.shard_count = shard_count
+        self.config = config
+        self.active: dict = {}            # {key: [(ts, value|None), ...]} unflushed versions
+        self.frozen: dict | None = None   # the memtable a flush is writing out
+        self.active_versions = 0
+        self.frozen_versions = 0
+        self.cache = RowCache(config.max_cached_keys)
+        self.max_ts = 0
+        self.horizon = 0
+        self.block_height = 0
+        self.live_keys = 0
+        self.locks: dict = {}             # key -> (txn_id, prepare_ts, is_write)
+        self.prepared_txns: dict = {}     # txn_id -> {"ts","reads","writes","participants"}
+        self.outcomes: dict = {}          # txn_id -> commit_ts (until forget)
+        self.pins: dict = {}              # snapshot ts -> pin count (deferred reads)
+        self.counters = {"committed": 0, "conflict": 0, "prepared": 0,
+                         "commit_prepared": 0, "abort_prepared": 0}
+        self._mem_sorted: list | None = None      # sorted resident keys, for scans
+        self.log: CommitLog = None        # set by open()
+        self.flush_job = None
+        self.prune_job = None
+        self.flush_stats = {"flush_count": 0, "keys_flushed": 0, "bytes_flushed": 0,
+                            "last_flush_ts": 0, "last_flush_block": 0,
+                            "last_flush_at": 0.0, "last_duration_secs": 0.0, "seconds_total": 0.0}
+        self.prune_stats = {"prune_count": 0, "versions_removed": 0,
+                            "last_duration_secs": 0.0, "seconds_total": 0.0}
+        self.last_flush_monotonic = time.monotonic()
+        self.last_flush_block_height = 0
+        self.replayed_records = 0
+        self._writer = None
+
+    # ------------------------------------------------------------------ open / close
+    @classmethod
+    def open(cls, path: str, shard_id: int, shard_count: int,
+             config: EngineConfig | None = None) -> "ShardEngine":
+        """Open or create the shard at `path`; recover from its log. Raises StorageMismatch
+        for a directory that belongs to another shard id / shard count."""
+        config = config or EngineConfig()
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        storage = open_db(path, config.rocksdb)
+        try:
+            engine = cls(storage, path, shard_id, shard_count, config)
+            engine._check_identity()
+            engine._recover()
+        except BaseException:
+            storage.close()
+            raise
+        if config.flush_on_start and engine.replayed_records:
+            engine.flush()
+        return engine
+
+    def _check_identity(self) -> None:
+        storage = self.storage
+        stored_id = cl.unpack(storage.get("meta", cl.SHARD_ID))
+        stored_count = cl.unpack(storage.get("meta", cl.SHARD_COUNT))
+        if stored_id is None:
+            if storage.last_key("data") is not None or storage.last_key("log") is not None:
+                raise StorageMismatch(f"{self.path}: has data but no shard identity; not a shardkv shard directory")
+            batch = storage.batch()
+            batch.put("meta", cl.SHARD_ID, cl.pack_int(self.shard_id))
+            batch.put("meta", cl.SHARD_COUNT, cl.pack_int(self.shard_count))
+            storage.write(batch, wal=True, sync=True)
+            return
+        if stored_id != self.shard_id or stored_count != self.shard_count:
+            raise StorageMismatch(
+                f"{self.path} holds shard {stored_id} of {stored_count}, "
+                f"but was opened as shard {self.shard_id} of {self.shard_count}")
+
+    def _recover(self) -> None:
+        """Read meta, restore prepared txns and outcomes, replay the log after flushed_seq.
+        Nothing from `data` is loaded: restart time does not depend on keys on disk."""
+        get = self.storage.get
+        flushed_seq = cl.unpack(get("meta", cl.FLUSHED_SEQ), 0)
+        self.block_height = cl.unpack(get("meta", cl.BLOCK), 0)
+        self.horizon = cl.unpack(get("meta", cl.HORIZON), 0)
+        self.live_keys = cl.unpack(get("meta", cl.LIVE_KEYS), 0)
+        self.max_ts = cl.unpack(get("meta", cl.MAX_TS), 0)
+        last = cl.unpack(get("meta", cl.LAST_FLUSH), None)
+        if last:
+            self.flush_stats["last_flush_ts"] = last["ts"]
+            self.flush_stats["last_flush_block"] = last["block"]
+            self.flush_stats["last_flush_at"] = last["at"]
+            self.last_flush_block_height = last["block"]
+        self.log = CommitLog(self.storage, max(flushed_seq, 0), self.config.fsync)
+        self.log.last_seq = max(flushed_seq, self.log.newest_seq())
+        for key, raw in self.storage.iterate("meta", prefix=cl.PREPARED_PREFIX):
+            ts, reads, writes, participants = msgpack.unpackb(raw)
+            self._lock_prepared(cl.txn_of(key, cl.PREPARED_PREFIX), ts, reads, writes, participants)
+            self.max_ts = max(self.max_ts, ts)
+        for key, raw in self.storage.iterate("meta", prefix=cl.OUTCOME_PREFIX):
+            self.outcomes[cl.txn_of(key, cl.OUTCOME_PREFIX)] = msgpack.unpackb(raw)
+        for _seq, records in self.log.replay(flushed_seq):
+            for ts, writes in records:
+                self._apply(ts, writes)
+                if ts > self.max_ts:
+                    self.max_ts = ts
+                self.replayed_records += 1
+
+    def close(self) -> None:
+        """Sync staged records and close the database (no implicit flush: the log covers
+        everything unflushed)."""
+        if self.storage is None:
+            return
+        self.log.sync()
+        if self._writer is not None and hasattr(self._writer, "close"):
+            self._writer.close()
+        self.storage.close()
+        self.storage = None
+
+    def sync(self) -> None:
+        """Write everything staged since the last sync in one WAL-on batch."""
+        self.log.sync()
+
+    # ------------------------------------------------------------------ lookups
+    def _disk_version(self, key: bytes, at: int):
+        """Newest on-disk (ts, value) of key at or below `at`, through the row cache."""
+        cached = self.cache.get(key)
+        if cached is not None and cached[0] <= at:
+            return cached
+        prefix = enc(key)
+        if cached is None:
+            found = self.storage.seek("data", prefix, prefix)
+            newest = ABSENT if found is None else (split_version_key(found[0])[1], untag(found[1]))
+            self.cache.put(key, newest)
+            if newest[0] <= at:
+                return newest
+        found = self.storage.seek("data", version_key(key, at), prefix)
+        if found is None:
+            return ABSENT
+        return split_version_key(found[0])[1], untag(found[1])
+
+    def _version_at(self, key: bytes, at: int):
+        """(ts, value|None) of key as of snapshot `at`; ABSENT when none."""
+        chain = self.active.get(key)
+        if chain:
+            last = chain[-1]
+            if last[0] <= at:
+                return last
+            found = newest_at(chain, at)
+            if found is not None:
+                return found
+        if self.frozen is not None:
+            chain = self.frozen.get(key)
+            if chain:
+                found = newest_at(chain, at)
+                if found is not None:
+                    return found
+        return self._disk_version(key, at)
+
+    def _current_version(self, key: bytes) -> int:
+        """The key's version for validation: commit_ts of its last write, 0 if deleted/absent."""
+        chain = self.active.get(key)
+        if chain:
+            ts, value = chain[-1]
+        else:
+            ts, value = self._version_at(key, self.max_ts)
+        return 0 if value is None else ts
+
+    # ------------------------------------------------------------------ reads
+    def _check_snapshot(self, at: int) -> None:
+        if type(at) is not int or at < 0:
+            raise BadRequest("at must be an int >= 0")
+        if at < self.horizon and at not in self.pins:
+            raise TooOld(self.horizon, at)
+
+    def read(self, keys, at: int) -> list:
+        """[(value | None, version), ...] as of snapshot `at`."""
+        self._check_snapshot(at)
+        if self.locks:
+            blocked = []
+            for key in keys:
+                lock = self.locks.get(key)
+                if lock is not None and lock[2] and lock[1] <= at:
+                    blocked.append(lock[0])
+            if blocked:
+                raise Blocked(blocked)
+        out = []
+        version_at = self._version_at
+        for key in keys:
+            if type(key) is not bytes or not key:
+                raise BadRequest("read keys must be non-empty bytes")
+            ts, value = version_at(key, at)
+            out.append((None, 0) if value is None else (value, ts))
+        return out
+
+    def _sorted_resident_keys(self) -> list:
+        if self._mem_sorted is None:
+            keys = set(self.active)
+            if self.frozen is not None:
+                keys.update(self.frozen)
+            self._mem_sorted = sorted(keys)
+        return self._mem_sorted
+
+    def _disk_keys(self, start: bytes | None, end: bytes | None):
+        """Distinct user keys with rows on disk in [start, end), in order."""
+        start_enc = enc(start) if start else None
+        stop_enc = enc(end) if end else None
+        previous = None
+        for vkey, _ in self.storage.iterate("data", start=start_enc, stop=stop_enc):
+            prefix = vkey[:-8]
+            if prefix != previous:
+                previous = prefix
+                yield split_version_key(vkey)[0]
+
+    def scan(self, start: bytes | None, end: bytes | None, limit: int, at: int):
+        """Live keys in [start, end) as of `at`, bytewise order, at most `limit`;
+        returns (items [(key, value, version)], more)."""
+        self._check_snapshot(at)
+        if type(limit) is not int or limit < 1:
+            raise BadRequest("limit must be an int >= 1")
+        if self.locks:
+            blocked = [txn for key, (txn, ts, is_write) in self.locks.items()
+                       if is_write and ts <= at and (start is None or key >= start)
+                       and (end is None or key < end)]
+            if blocked:
+                raise Blocked(blocked)
+        mem = self._sorted_resident_keys()
+        i = bisect.bisect_left(mem, start) if start else 0
+        j = bisect.bisect_left(mem, end) if end else len(mem)
+        mem_iter = iter(mem[i:j])
+        disk_iter = self._disk_keys(start, end)
+        items = []
+        m = next(mem_iter, None)
+        d = next(disk_iter, None)
+        while m is not None or d is not None:
+            if d is None or (m is not None and m < d):
+                key, m = m, next(mem_iter, None)
+            elif m is None or d < m:
+                key, d = d, next(disk_iter, None)
+            else:
+                key, m, d = m, next(mem_iter, None), next(disk_iter, None)
+            ts, value = self._version_at(key, at)
+            if value is not None:
+                if len(items) == limit:
+                    return items, True
+                items.append((key, value, ts))
+        return items, False
+
+    def validate(self, reads) -> None:
+        """Raise Conflict listing every read key whose version changed or that a prepared
+        txn is about to write."""
+        _check_reads(reads)
+        bad = self._conflicts(reads, (), None)
+        if bad:
+            self.counters["conflict"] += 1
+            raise Conflict(bad)
+
+    def _conflicts(self, reads, writes, txn_id) -> list:
+        bad = []
+        locks = self.locks
+        if locks:
+            for key, _ in reads:
+                lock = locks.get(key)
+                if lock is not None and lock[2] and lock[0] != txn_id:
+                    bad.append(key)
+            for key, _ in writes:
+                lock = locks.get(key)
+                if lock is not None and lock[0] != txn_id:
+                    bad.append(key)
+        current = self._current_version
+        for key, version in reads:
+            if current(key) != version:
+                bad.append(key)
+        return bad
+
+    # ------------------------------------------------------------------ writes
+    def _apply(self, ts: int, writes) -> None:
+        """Append the versions of one txn to the active memtable; keep live_keys exact."""
+        active = self.active
+        live_delta = 0
+        for key, value in writes:
+            chain = active.get(key)
+            if chain:
+                last_ts, last_value = chain[-1]
+                if last_ts == ts:          # the same key twice in one txn: last one wins
+                    live_delta += (value is not None) - (last_value is not None)
+                    chain[-1] = (ts, value)
+                    continue
+                chain.append((ts, value))
+                live_delta += (value is not None) - (last_value is not None)
+            else:
+                prev_value = self._below_active(key, ts)[1]
+                if chain is None:
+                    self._mem_sorted = None
+                active[key] = [(ts, value)]
+                live_delta += (value is not None) - (prev_value is not None)
+            self.active_versions += 1
+        self.live_keys += live_delta
+
+    def _below_active(self, key: bytes, ts: int):
+        """The key's version just below ts outside the active memtable (frozen, disk)."""
+        if self.frozen is not None:
+            chain = self.frozen.get(key)
+            if chain:
+                found = newest_at(chain, ts - 1)
+                if found is not None:
+                    return found
+        return self._disk_version(key, ts - 1)
+
+    def _check_new_ts(self, ts) -> None:
+        if type(ts) is not int or ts <= self.max_ts:
+            raise BadRequest(f"commit ts {ts!r} must be an int above every ts seen ({self.max_ts})")
+
+    def commit(self, ts: int, reads, writes) -> None:
+        """One-shot commit of a single-shard txn: validate reads, apply writes at ts.
+        Raises Conflict (nothing written). With no writes it only validates."""
+        _check_reads(reads)
+        if not writes:
+            return self.validate(reads)
+        _check_writes(writes)
+        self._check_new_ts(ts)
+        bad = self._conflicts(reads, writes, None)
+        if bad:
+            self.counters["conflict"] += 1
+            raise Conflict(bad)
+        self._apply(ts, writes)
+        self.log.records.append((ts, writes))
+        self.max_ts = ts
+        self.counters["committed"] += 1
+
+    # ------------------------------------------------------------------ 2PC
+    def _lock_prepared(self, txn_id, ts, read_keys, writes, participants) -> None:
+        locks = self.locks
+        for key in read_keys:
+            locks[key] = (txn_id, ts, False)
+        for key, _ in writes:
+            locks[key] = (txn_id, ts, True)
+        self.prepared_txns[txn_id] = {"ts": ts, "reads": read_keys, "writes": writes,
+                                      "participants": participants}
+
+    def prepare(self, txn_id: int, ts: int, reads, writes, participants) -> None:
+        """Validate and lock the txn's keys; stage a durable prepared record. Idempotent
+        for a txn already prepared here. Raises Conflict."""
+        if txn_id in self.prepared_txns:
+            return
+        if type(txn_id) is not int:
+            raise BadRequest("txn id must be an int")
+        if txn_id in self.outcomes:
+            raise BadRequest(f"txn {txn_id} is already committed here")
+        _check_reads(reads)
+        _check_writes(writes)
+        self._check_new_ts(ts)
+        bad = self._conflicts(reads, writes, txn_id)
+        if bad:
+            self.counters["conflict"] += 1
+            raise Conflict(bad)
+        read_keys = [key for key, _ in reads]
+        writes = [(key, value) for key, value in writes]
+        participants = list(participants)
+        self._lock_prepared(txn_id, ts, read_keys, writes, participants)
+        self.log.stage_meta(cl.prepared_key(txn_id), _packb((ts, read_keys, writes, participants)))
+        self.max_ts = ts
+        self.counters["prepared"] += 1
+
+    def _unlock(self, txn_id) -> dict | None:
+        txn = self.prepared_txns.pop(txn_id, None)
+        if txn is not None:
+            locks = self.locks
+            for key in txn["reads"]:
+                if locks.get(key, (None,))[0] == txn_id:
+                    del locks[key]
+            for key, _ in txn["writes"]:
+                if locks.get(key, (None,))[0] == txn_id:
+                    del locks[key]
+        return txn
+
+    def commit_prepared(self, txn_id: int, commit_ts: int) -> None:
+        """Apply a prepared txn at commit_ts and keep its outcome until forget. Idempotent."""
+        if txn_id in self.outcomes:
+            return
+        txn = self.prepared_txns.get(txn_id)
+        if txn is None:
+            raise BadRequest(f"txn {txn_id} is not prepared here")
+        if type(commit_ts) is not int or commit_ts < txn["ts"]:
+            raise BadRequest(f"commit ts {commit_ts!r} is below the prepare ts {txn['ts']}")
+        self._unlock(txn_id)
+        writes = txn["writes"]
+        if writes:
+            self._apply(commit_ts, writes)
+            self.log.records.append((commit_ts, writes))
+        self.log.stage_meta(cl.prepared_key(txn_id), None)
+        self.log.stage_meta(cl.outcome_key(txn_id), cl.pack_int(commit_ts))
+        self.outcomes[txn_id] = commit_ts
+        if commit_ts > self.max_ts:
+            self.max_ts = commit_ts
+        self.counters["commit_prepared"] += 1
+
+    def abort_prepared(self, txn_id: int) -> None:
+        """Drop a prepared txn and its locks. Idempotent (unknown txn: nothing to do)."""
+        if self._unlock(txn_id) is not None:
+            self.log.stage_meta(cl.prepared_key(txn_id), None)
+            self.counters["abort_prepared"] += 1
+
+    def prepared(self) -> list:
+        return [{"txn": txn_id, "ts": txn["ts"], "participants": list(txn["participants"])}
+                for txn_id, txn in sorted(self.prepared_txns.items())]
+
+    def outcome(self, txn_id: int) -> int | None:
+        return self.outcomes.get(txn_id)
+
+    def forget(self, txn_ids) -> None:
+        for txn_id in txn_ids:
+            if self.outcomes.pop(txn_id, None) is not None:
+                self.log.stage_meta(cl.outcome_key(txn_id), None)
+
+    def set_block(self, height: int) -> None:
+        """Record a block height (durable with the next sync); heights must increase."""
+        if type(height) is not int or height <= self.block_height:
+            raise BadRequest(f"block height {height!r} must be an int above {self.block_height}")
+        self.block_height = height
+        self.log.stage_meta(cl.BLOCK, cl.pack_int(height))
+
+    # ------------------------------------------------------------------ snapshots
+    def pin(self, ts: int) -> None:
+        """Keep the versions a read at `ts` needs until unpin (deferred reads)."""
+        self.pins[ts] = self.pins.get(ts, 0) + 1
+
+    def unpin(self, ts: int) -> None:
+        count = self.pins.get(ts, 0)
+        if count <= 1:
+            self.pins.pop(ts, None)
+        else:
+            self.pins[ts] = count - 1
+
+    # ------------------------------------------------------------------ maintenance
+    @property
+    def writer(self):
+        if self._writer is None:
+            from .flush import make_writer
+            self._writer = make_writer(self.config.batch_writer)
+        return self._writer
+
+    def start_flush(self) -> None:
+        from .flush import FlushJob
+        if self.flush_job is not None:
+            while not self.flush_job.step():
+                pass
+        self.flush_job = FlushJob(self)
+
+    def flush_step(self) -> bool:
+        """Write one chunk of the running flush; True when it is done (or none runs)."""
+        if self.flush_job is None:
+            return True
+        done = self.flush_job.step()
+        if done:
+            self.flush_job = None
+        return done
+
+    def flush(self) -> dict:
+        """Flush everything committed so far; returns {"flush_ts","keys","bytes","duration"}."""
+        self.start_flush()
+        job = self.flush_job
+        while not self.flush_step():
+            pass
+        return job.result
+
+    def should_flush(self, now: float | None = None) -> bool:
+        """Dual trigger (interval_secs or blocks_per_flush) plus memory pressure. Only when
+        there is something to flush and no flush runs already."""
+        if self.flush_job is not None:
+            return False
+        if self.active_versions >= self.config.max_resident_versions:
+            return True
+        if not self.active_versions:
+            return False
+        now = time.monotonic() if now is None else now
+        if now - self.last_flush_monotonic >= self.config.flush_interval_secs:
+            return True
+        return self.block_height - self.last_flush_block_height >= self.config.blocks_per_flush
+
+    def start_prune(self, keep_versions: int | None = None) -> None:
+        from .prune import PruneJob
+        if self.prune_job is not None:
+            while not self.prune_job.step():
+                pass
+        keep = self.config.keep_versions if keep_versions is None else keep_versions
+        if type(keep) is not int or keep < 1:
+            raise BadRequest("keep_versions must be an int >= 1")
+        self.prune_job = PruneJob(self, keep)
+
+    def prune_step(self) -> bool:
+        if self.prune_job is None:
+            return True
+        done = self.prune_job.step()
+        if done:
+            self.prune_job = None
+        return done
+
+    def prune(self, keep_versions: int | None = None) -> int:
+        """Keep the newest keep_versions versions of each key; returns versions removed."""
+        self.start_prune(keep_versions)
+        job = self.prune_job
+        while not self.prune_step():
+            pass
+        return job.removed
+
+    def create_checkpoint(self, dest_dir: str, ts: int) -> dict:
+        from .checkpoint import create_checkpoint
+        return create_checkpoint(self, dest_dir, ts)
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict:
+        storage = self.storage
+        rocks = {
+            "live_sst_bytes": storage.property_int("rocksdb.live-sst-files-size"),
+            "estimated_keys": storage.property_int("rocksdb.estimate-num-keys"),
+            "pending_compaction_bytes": storage.property_int("rocksdb.estimate-pending-compaction-bytes"),
+            "memtable_bytes": sum(storage.property_int("rocksdb.cur-size-all-mem-tables", cf)
+                                  for cf in ("data", "log", "meta")),
+        }
+        flush = dict(self.flush_stats)
+        flush["running"] = self.flush_job is not None
+        prune = dict(self.prune_stats)
+        prune["running"] = self.prune_job is not None
+        return {
+            "shard": self.shard_id,
+            "keys": self.live_keys,
+            "versions": self.active_versions + self.frozen_versions,
+            "cached_keys": len(self.cache),
+            "horizon": self.horizon,
+            "max_ts": self.max_ts,
+            "block_height": self.block_height,
+            "prepared": len(self.prepared_txns),
+            "outcomes": len(self.outcomes),
+            "engine_txn": dict(self.counters),
+            "flush": flush,
+            "prune": prune,
+            "batch_writer": {"chunk_size": self.writer.chunk_size},
+            "rocksdb": rocks,
+        }

@@ -1,0 +1,65 @@
+"""Internal router <-> shard messages: op names and frame helpers shared by both ends.
+
+Router -> shard: one msgpack map per frame, {"op", "rid", "inc", ...fields}.
+Shard -> router: {"rid", "ok": True, ...} or {"rid", "ok": False, "error": {...}}.
+A `multi` frame {"op": "multi", "inc", "msgs": [...]} carries many messages for one
+shard (one frame per shard per router loop pass); the shard answers with one
+{"replies": [...]} frame per pass. Replies are matched by `rid`, never by position:
+a read that waits on a prepared key (deferred) is answered in a later frame.
+
+Every op except `ping` must carry the shard's current incarnation `inc` (learned from
+ping replies); a shard rejects other incarnations with `STALE_INC` and does nothing.
+"""
+import msgpack
+
+PING = "ping"
+READ = "read"                    # keys, at                         -> values, versions
+SCAN = "scan"                    # start, end, limit, at            -> items, more
+VALIDATE = "validate"            # reads
+COMMIT = "commit"                # ts, reads, writes
+PREPARE = "prepare"              # txn, ts, reads, writes, participants
+COMMIT_PREPARED = "commit_prepared"  # txn, ts
+ABORT_PREPARED = "abort_prepared"    # txn
+RECOVER_INFO = "recover_info"    # txns (optional)  -> prepared: [{txn, ts, participants}], outcomes: {txn: ts}
+FORGET = "forget"                # txns
+BLOCK = "block"                  # height                           -> flushed
+FLUSH = "flush"                  # ts                               -> flush_ts, keys, bytes
+PRUNE = "prune"                  # keep_versions                    -> versions_removed
+CHECKPOINT = "checkpoint"        # dir, ts                          -> bytes
+STATS = "stats"                  #                                  -> the stats snapshot
+MULTI = "multi"                  # msgs                             -> replies (one frame)
+
+OPS = frozenset({PING, READ, SCAN, VALIDATE, COMMIT, PREPARE, COMMIT_PREPARED,
+                 ABORT_PREPARED, RECOVER_INFO, FORGET, BLOCK, FLUSH, PRUNE,
+                 CHECKPOINT, STATS, MULTI})
+
+# Error code used only between router and shard: the message was addressed to another
+# incarnation of the shard (it restarted), so it was not executed.
+STALE_INC = "stale_inc"
+
+
+def pack(msg) -> bytes:
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def unpack(frame: bytes):
+    # strict_map_key=False: outcome maps are keyed by integer txn ids.
+    return msgpack.unpackb(frame, raw=False, strict_map_key=False)
+
+
+def ok(rid, **fields) -> dict:
+    fields["rid"] = rid
+    fields["ok"] = True
+    return fields
+
+
+def error(rid, code: str, message: str, retryable: bool = False, **extra) -> dict:
+    return {"rid": rid, "ok": False,
+            "error": {"code": code, "message": message, "retryable": retryable, **extra}}
+
+
+def replies_of(msg) -> list:
+    """The list of replies in one shard -> router frame (single or multi)."""
+    if isinstance(msg, dict) and "replies" in msg:
+        return msg["replies"]
+    return [msg]

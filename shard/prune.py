@@ -1,0 +1,147 @@
+"""Incremental prune: keep the `keep` newest versions of every key, in memory and on disk.
+
+Phase 1 (memory): walk the resident keys `step_keys` at a time; a chain longer than
+`keep` is *replaced* by its survivors (never shrunk in place: a running flush may be
+iterating the old list). Memory versions are newer than disk versions, so keeping the
+newest of the resident ones is the same choice as over the whole chain.
+Phase 2 (disk): walk the `data` column family `step_keys` user keys at a time; for each
+key merge the resident and on-disk version ts, choose the survivors, and delete the
+other rows in one WAL-on batch that also records the raised horizon (so a crash never
+leaves rows deleted below an old horizon).
+
+Survivors: the `keep` newest plus, for every pinned snapshot, the newest version at or
+below it (mvcc.keep_set). Horizon: the oldest snapshot at which every key still reads as
+before (mvcc.horizon_after); reads below it get TooOld, except at pinned snapshots.
+"""
+from __future__ import annotations
+
+import time
+
+from . import commitlog as cl
+from .keycodec import split_version_key
+from .mvcc import horizon_after, keep_set
+
+_AFTER_ALL_VERSIONS = b"\xff" * 9     # enc(key) + this sorts after every version of key
+
+
+class PruneJob:
+    def __init__(self, engine, keep: int):
+        self.engine = engine
+        self.keep = keep
+        self.step_keys = engine.config.prune_step_keys
+        self.started = time.monotonic()
+        self.removed = 0
+        keys = set(engine.active)
+        if engine.frozen is not None:
+            keys.update(engine.frozen)
+        self.mem_keys = list(keys)
+        self.mem_pos = 0
+        self.disk_cursor: bytes | None = None
+        self.disk_done = False
+
+    # -- phase 1 -----------------------------------------------------------------------
+    def _prune_memory(self) -> None:
+        engine = self.engine
+        keep, pins = self.keep, list(engine.pins)
+        end = min(self.mem_pos + self.step_keys, len(self.mem_keys))
+        horizon = engine.horizon
+        for key in self.mem_keys[self.mem_pos:end]:
+            frozen_chain = engine.frozen.get(key) if engine.frozen is not None else None
+            active_chain = engine.active.get(key)
+            chains = (frozen_chain or []) + (active_chain or [])
+            if len(chains) <= keep:
+                continue
+            ts_desc = [ts for ts, _ in reversed(chains)]
+            kept = keep_set(ts_desc, keep, pins)
+            if len(kept) == len(ts_desc):
+                continue
+            horizon = max(horizon, horizon_after(ts_desc, kept))
+            if frozen_chain:
+                survivors = [v for v in frozen_chain if v[0] in kept]
+                engine.frozen_versions -= len(frozen_chain) - len(survivors)
+                self.removed += len(frozen_chain) - len(survivors)
+                engine.frozen[key] = survivors
+            if active_chain:
+                survivors = [v for v in active_chain if v[0] in kept]
+                engine.active_versions -= len(active_chain) - len(survivors)
+                self.removed += len(active_chain) - len(survivors)
+                engine.active[key] = survivors
+        self.mem_pos = end
+        if horizon > engine.horizon:
+            engine.horizon = horizon
+            # Memory-only drops come back from the log after a crash, so the horizon may
+            # ride along with the next group commit.
+            engine.log.stage_meta(cl.HORIZON, cl.pack_int(horizon))
+
+    # -- phase 2 -----------------------------------------------------------------------
+    def _disk_groups(self):
+        """(prefix, user key, [(vkey, ts), ...] newest first) per key, from the cursor."""
+        storage = self.engine.storage
+        start = None if self.disk_cursor is None else self.disk_cursor + _AFTER_ALL_VERSIONS
+        prefix = None
+        group = []
+        user_key = None
+        for vkey, _ in storage.iterate("data", start=start):
+            p = vkey[:-8]
+            if p != prefix:
+                if group:
+                    yield prefix, user_key, group
+                prefix, group = p, []
+                user_key = split_version_key(vkey)[0]
+            group.append((vkey, split_version_key(vkey)[1]))
+        if group:
+            yield prefix, user_key, group
+
+    def _prune_disk(self) -> None:
+        engine = self.engine
+        keep, pins = self.keep, list(engine.pins)
+        horizon = engine.horizon
+        batch = engine.storage.batch()
+        deleted = 0
+        seen = 0
+        for prefix, key, group in self._disk_groups():
+            seen += 1
+            self.disk_cursor = prefix
+            mem = set()
+            for memtable in (engine.frozen, engine.active):
+                chain = memtable.get(key) if memtable is not None else None
+                if chain:
+                    mem.update(ts for ts, _ in chain)
+            ts_all = sorted(mem.union(ts for _, ts in group), reverse=True)
+            if len(ts_all) > keep:
+                kept = keep_set(ts_all, keep, pins)
+                lost = 0
+                for vkey, ts in group:
+                    if ts not in kept:
+                        batch.delete("data", vkey)
+                        lost += 1
+                if lost:
+                    deleted += lost
+                    horizon = max(horizon, horizon_after(ts_all, kept))
+            if seen >= self.step_keys:
+                break
+        else:
+            self.disk_done = True
+        if deleted:
+            if horizon > engine.horizon:
+                engine.horizon = horizon
+            batch.put("meta", cl.HORIZON, cl.pack_int(engine.horizon))
+            engine.storage.write(batch, wal=True, sync=False)
+            self.removed += deleted
+
+    def step(self) -> bool:
+        """Process one chunk; True when the whole prune is done."""
+        if self.mem_pos < len(self.mem_keys):
+            self._prune_memory()
+            return False
+        if not self.disk_done:
+            self._prune_disk()
+            if not self.disk_done:
+                return False
+        duration = time.monotonic() - self.started
+        stats = self.engine.prune_stats
+        stats["prune_count"] += 1
+        stats["versions_removed"] += self.removed
+        stats["last_duration_secs"] = duration
+        stats["seconds_total"] += duration
+        return True

@@ -1,0 +1,223 @@
+"""The storage seam: a small interface the engine uses exclusively, and its RocksDB
+implementation.
+
+Column families: `data` (version rows), `log` (commit log), `meta` (shard metadata).
+Every RocksDB tuning knob lives in `open_db()`, fed by the `[rocksdb]` config section.
+rocksdict is opened in raw mode: keys and values are bytes, never pickled.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Protocol
+
+import rocksdict
+
+COLUMN_FAMILIES = ("data", "log", "meta")
+Row = tuple[str, bytes, "bytes | None"]     # (cf, key, value or None = delete)
+
+ROCKSDB_DEFAULTS = {
+    "write_buffer_bytes": 64 * 1024 * 1024,
+    "max_write_buffers": 4,
+    "block_cache_bytes": 128 * 1024 * 1024,
+    "bloom_bits_per_key": 10,
+    "compression": "lz4",
+    "max_background_jobs": 2,
+}
+_COMPRESSION = {
+    "none": rocksdict.DBCompressionType.none,
+    "snappy": rocksdict.DBCompressionType.snappy,
+    "lz4": rocksdict.DBCompressionType.lz4,
+    "zstd": rocksdict.DBCompressionType.zstd,
+}
+
+
+class Batch(Protocol):
+    def put(self, cf: str, key: bytes, value: bytes) -> None: ...
+    def delete(self, cf: str, key: bytes) -> None: ...
+    def delete_range(self, cf: str, begin: bytes, end: bytes) -> None: ...
+    def __len__(self) -> int: ...
+
+
+class Storage(Protocol):
+    """What the engine needs from a key-value store with column families."""
+
+    def get(self, cf: str, key: bytes) -> bytes | None: ...
+    def put(self, cf: str, key: bytes, value: bytes, wal: bool = True, sync: bool = False) -> None: ...
+    def delete(self, cf: str, key: bytes, wal: bool = True, sync: bool = False) -> None: ...
+    def seek(self, cf: str, key: bytes, prefix: bytes) -> tuple[bytes, bytes] | None: ...
+    def iterate(self, cf: str, start: bytes | None = None, stop: bytes | None = None,
+                prefix: bytes | None = None) -> Iterator[tuple[bytes, bytes]]: ...
+    def last_key(self, cf: str) -> bytes | None: ...
+    def batch(self) -> Batch: ...
+    def write(self, batch: Batch, wal: bool = True, sync: bool = False) -> None: ...
+    def write_batch(self, rows: list[Row], wal: bool) -> None: ...
+    def flush(self, cfs: tuple[str, ...] = COLUMN_FAMILIES) -> None: ...
+    def checkpoint(self, dest_dir: str) -> None: ...
+    def property_int(self, name: str, cf: str = "data") -> int: ...
+    def close(self) -> None: ...
+
+
+class RocksBatch:
+    """A rocksdict WriteBatch addressed by column family name."""
+    __slots__ = ("wb", "_handles")
+
+    def __init__(self, handles: dict):
+        self.wb = rocksdict.WriteBatch(raw_mode=True)
+        self._handles = handles
+
+    def put(self, cf: str, key: bytes, value: bytes) -> None:
+        self.wb.put(key, value, self._handles[cf])
+
+    def delete(self, cf: str, key: bytes) -> None:
+        self.wb.delete(key, self._handles[cf])
+
+    def delete_range(self, cf: str, begin: bytes, end: bytes) -> None:
+        self.wb.delete_range(begin, end, self._handles[cf])
+
+    def __len__(self) -> int:
+        return len(self.wb)
+
+
+def _write_options(wal: bool, sync: bool) -> rocksdict.WriteOptions:
+    opts = rocksdict.WriteOptions()
+    opts.disable_wal = not wal
+    opts.sync = sync and wal
+    return opts
+
+
+class RocksStorage:
+    """Storage over one RocksDB database (one per shard directory)."""
+
+    def __init__(self, db: rocksdict.Rdict, path: str):
+        self.path = path
+        self._db = db
+        self.cfs = {name: db.get_column_family(name) for name in COLUMN_FAMILIES}
+        self.handles = {name: db.get_column_family_handle(name) for name in COLUMN_FAMILIES}
+        # WriteOptions objects are reused: the commit path writes thousands of batches/s.
+        self._wopts = {(w, s): _write_options(w, s) for w in (True, False) for s in (True, False)}
+
+    # -- point operations ---------------------------------------------------------------
+    def get(self, cf: str, key: bytes) -> bytes | None:
+        return self.cfs[cf].get(key)
+
+    def put(self, cf: str, key: bytes, value: bytes, wal: bool = True, sync: bool = False) -> None:
+        self.cfs[cf].put(key, value, self._wopts[wal, sync])
+
+    def delete(self, cf: str, key: bytes, wal: bool = True, sync: bool = False) -> None:
+        batch = self.batch()
+        batch.delete(cf, key)
+        self.write(batch, wal, sync)
+
+    # -- iteration ----------------------------------------------------------------------
+    def seek(self, cf: str, key: bytes, prefix: bytes) -> tuple[bytes, bytes] | None:
+        """The first row at or after `key` whose key starts with `prefix`, else None."""
+        it = self.cfs[cf].iter()
+        it.seek(key)
+        if it.valid():
+            found = it.key()
+            if found.startswith(prefix):
+                return found, it.value()
+        return None
+
+    def iterate(self, cf: str, start: bytes | None = None, stop: bytes | None = None,
+                prefix: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Rows in key order from `start` (inclusive) to `stop` (exclusive), optionally
+        only those starting with `prefix`."""
+        if prefix is not None and (start is None or start < prefix):
+            start = prefix
+        it = self.cfs[cf].iter()
+        if start is None:
+            it.seek_to_first()
+        else:
+            it.seek(start)
+        while it.valid():
+            key = it.key()
+            if stop is not None and key >= stop:
+                return
+            if prefix is not None and not key.startswith(prefix):
+                return
+            yield key, it.value()
+            it.next()
+
+    def last_key(self, cf: str) -> bytes | None:
+        it = self.cfs[cf].iter()
+        it.seek_to_last()
+        return it.key() if it.valid() else None
+
+    # -- batches ------------------------------------------------------------------------
+    def batch(self) -> RocksBatch:
+        return RocksBatch(self.handles)
+
+    def write(self, batch: RocksBatch, wal: bool = True, sync: bool = False) -> None:
+        self._db.write(batch.wb, self._wopts[wal, sync])
+
+    def write_batch(self, rows: list[Row], wal: bool) -> None:
+        """Write rows as one atomic batch (the adaptive batch writer's sink)."""
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        handles = self.handles
+        for cf, key, value in rows:
+            if value is None:
+                wb.delete(key, handles[cf])
+            else:
+                wb.put(key, value, handles[cf])
+        self._db.write(wb, self._wopts[wal, False])
+
+    # -- maintenance --------------------------------------------------------------------
+    def flush(self, cfs: tuple[str, ...] = COLUMN_FAMILIES) -> None:
+        """Write the memtables of these column families to SST files (durable) and wait."""
+        for name in cfs:
+            self.cfs[name].flush(True)
+
+    def checkpoint(self, dest_dir: str) -> None:
+        """A consistent copy of the whole database at dest_dir (hard links where possible)."""
+        rocksdict.Checkpoint(self._db).create_checkpoint(dest_dir)
+
+    def property_int(self, name: str, cf: str = "data") -> int:
+        value = self.cfs[cf].property_int_value(name)
+        return int(value or 0)
+
+    def close(self) -> None:
+        if self._db is None:
+            return
+        # Every column-family handle keeps the database (and its LOCK) alive: drop them all.
+        for cf in self.cfs.values():
+            cf.close()
+        self.cfs.clear()
+        self.handles.clear()
+        self._db.close()
+        self._db = None
+
+
+def _options(cfg: dict, cache: rocksdict.Cache) -> rocksdict.Options:
+    opts = rocksdict.Options(raw_mode=True)
+    opts.set_write_buffer_size(int(cfg["write_buffer_bytes"]))
+    opts.set_max_write_buffer_number(int(cfg["max_write_buffers"]))
+    compression = cfg["compression"]
+    if compression not in _COMPRESSION:
+        raise ValueError(f"rocksdb.compression={compression!r}: one of {', '.join(_COMPRESSION)}")
+    opts.set_compression_type(_COMPRESSION[compression]())
+    table = rocksdict.BlockBasedOptions()
+    table.set_block_cache(cache)
+    if int(cfg["bloom_bits_per_key"]) > 0:
+        table.set_bloom_filter(int(cfg["bloom_bits_per_key"]), False)
+    opts.set_block_based_table_factory(table)
+    return opts
+
+
+def open_db(path: str, rocksdb_cfg: dict | None = None, create: bool = True) -> RocksStorage:
+    """Open (or create) the shard database at `path`: the ONE place for RocksDB options."""
+    cfg = dict(ROCKSDB_DEFAULTS)
+    cfg.update(rocksdb_cfg or {})
+    if not create and not os.path.exists(os.path.join(path, "CURRENT")):
+        raise FileNotFoundError(f"{path}: no RocksDB database here")
+    cache = rocksdict.Cache(int(cfg["block_cache_bytes"]))
+    db_opts = _options(cfg, cache)
+    db_opts.create_if_missing(create)
+    db_opts.create_missing_column_families(True)
+    db_opts.set_max_background_jobs(int(cfg["max_background_jobs"]))
+    # Commit-log records are WAL-protected; after a crash, recover up to the last intact
+    # record instead of refusing to open (a torn tail is an unacknowledged write).
+    db_opts.set_wal_recovery_mode(rocksdict.DBRecoveryMode.point_in_time())
+    column_families = {name: _options(cfg, cache) for name in COLUMN_FAMILIES}
+    db = rocksdict.Rdict(path, db_opts, column_families=column_families)
+    return RocksStorage(db, path)

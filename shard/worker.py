@@ -1,0 +1,531 @@
+"""ShardWorker: the process loop around one ShardEngine.
+
+    python -m shard.worker --spec '{"role": "shard", "shard": 0, "shards": 2,
+                                    "data_dir": ..., "run_dir": ..., "config": {...}}'
+
+One loop pass: poll (timeout), drain up to MAX_DRAIN frames from the router, dispatch each
+message to handle_<op>, run one step of any flush/prune job, engine.sync() once (group
+commit), then send every reply of the pass (one frame per peer). Nothing is acknowledged
+or shown before the sync. Reads meeting a key prepared at or below their snapshot are
+deferred (the snapshot pinned) and retried after each commit_prepared/abort_prepared,
+until `router.read_wait_secs`, then answered `unavailable`.
+
+Also here: the child-process plumbing shared with node/router.py (parent-death signal,
+status PUSH to the supervisor, signal wakeup pipe).
+"""
+import argparse
+import collections
+import ctypes
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+
+import zmq
+
+from shard import messages as m
+from shard.config import EngineConfig
+from shard.engine import ShardEngine
+from shard.errors import Blocked, BadRequest, Conflict, TooOld
+from shard.histogram import Histogram, quantile
+
+EXIT_FATAL = 78           # boot failed for a non-transient reason: do not respawn
+MAX_DRAIN = 512           # frames taken from the socket per loop pass
+POLL_MS = 50              # idle poll timeout (timers run at least this often)
+TPS_WINDOW_SECS = 5.0
+
+
+# ---------------------------------------------------------------- child-process plumbing
+
+def set_parent_death_signal(sig=signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)
+    except OSError:
+        pass  # not Linux: the getppid() check in the loop timers still applies
+
+
+class SupervisorLink:
+    """PUSH of status messages to the supervisor; never blocks when nobody listens."""
+
+    def __init__(self, ctx: zmq.Context, run_dir: str, role: str, shard=None):
+        self.role, self.shard = role, shard
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, 16)
+        self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.connect(f"ipc://{run_dir}/supervisor.sock")
+
+    def send(self, kind: str, **fields) -> None:
+        msg = {"kind": kind, "role": self.role, "pid": os.getpid(), **fields}
+        if self.shard is not None:
+            msg["shard"] = self.shard
+        try:
+            self.sock.send(m.pack(msg), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # supervisor absent or slow: status is best effort
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class SignalPipe:
+    """Signal handlers only record the signal; the pipe wakes the poller (STYLE.md)."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        os.set_blocking(self.w, False)
+        signal.set_wakeup_fd(self.w)
+        self.received = collections.deque()
+        for sig in signals:
+            signal.signal(sig, lambda signum, frame: self.received.append(signum))
+
+    def drain(self) -> list:
+        try:
+            while os.read(self.r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        got = list(self.received)
+        self.received.clear()
+        return got
+
+
+def parse_spec(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True, help="JSON child spec from the supervisor")
+    return json.loads(parser.parse_args(argv).spec)
+
+
+# ---------------------------------------------------------------- the worker
+
+class Deferred:
+    """A read waiting for a prepared txn's outcome, with its snapshot pinned."""
+    __slots__ = ("peer", "msg", "deadline", "pin")
+
+    def __init__(self, peer, msg, deadline, pin):
+        self.peer, self.msg, self.deadline, self.pin = peer, msg, deadline, pin
+
+
+class ShardWorker:
+    def __init__(self, spec: dict):
+        self.shard = int(spec["shard"])
+        self.shards = int(spec["shards"])
+        self.config = spec["config"]
+        self.path = os.path.join(spec["data_dir"], f"shard-{self.shard}")
+        self.run_dir = spec["run_dir"]
+        self.endpoint = f"ipc://{self.run_dir}/shard-{self.shard}.sock"
+        self.inc = secrets.token_hex(8)      # incarnation: new on every start
+        router_cfg = self.config.get("router", {})
+        self.read_wait = float(router_cfg.get("read_wait_secs", 1.0))
+        self.stats_interval = float(self.config.get("supervisor", {}).get("stats_interval_secs", 0.5))
+        prune_cfg = self.config.get("prune", {})
+        self.keep_versions = int(prune_cfg.get("keep_versions", 3))
+        self.auto_prune_secs = float(prune_cfg.get("auto_interval_secs", 0))
+        self.engine = None
+        self.ctx = zmq.Context.instance()
+        self.sock = None
+        self.status = None
+        self.signals = None
+        self.parent = os.getppid()
+        self.stopping = False
+        # per-pass state
+        self.out = {}                # peer identity -> [reply, ...]
+        self.durable_waits = []      # receive times of commit-path messages this pass
+        self.unblocked = False       # a commit_prepared/abort_prepared ran this pass
+        self.deferred = []           # [Deferred]
+        # maintenance jobs: at most one flush and one prune in progress
+        self.flush_job = None        # {"before": flush stats, "waiters": [(peer, reply-builder)]}
+        self.prune_job = None
+        self.last_prune = time.monotonic()
+        # metrics
+        self.latency = Histogram()
+        self.counts = {"committed": 0, "conflict": 0, "error": 0}
+        self.twopc = {"prepared": 0, "committed": 0, "aborted": 0}
+        self.tps_samples = collections.deque()
+        self.next_stats = 0.0
+
+    # -- lifecycle
+
+    def boot(self) -> None:
+        self.status = SupervisorLink(self.ctx, self.run_dir, "shard", self.shard)
+        try:
+            self.engine = ShardEngine.open(self.path, self.shard, self.shards,
+                                           EngineConfig.from_dict(self.config))
+            self.sock = self.ctx.socket(zmq.ROUTER)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.setsockopt(zmq.SNDHWM, 0)
+            self.sock.setsockopt(zmq.RCVHWM, 0)
+            self.sock.bind(self.endpoint)
+        except Exception as exc:  # every boot failure here is non-transient: halt, report
+            self.status.send("fatal", error=f"shard {self.shard}: {type(exc).__name__}: {exc}")
+            self.status.close()
+            sys.stderr.write(f"shard {self.shard}: cannot boot: {exc}\n")
+            sys.exit(EXIT_FATAL)
+        self.signals = SignalPipe()
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.signals.r, zmq.POLLIN)
+        if self.config.get("flush", {}).get("flush_on_start", True):
+            self.start_flush()
+        self.status.send("ready")
+
+    def run(self) -> int:
+        self.boot()
+        while not self.stopping:
+            self.loop_pass()
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        for d in self.deferred:
+            self.reply(d.peer, m.error(d.msg.get("rid"), "unavailable", "shard stopping", True))
+            self.engine.unpin(d.pin)
+        self.deferred = []
+        self.finish_flush()
+        self.engine.sync()
+        self.send_replies()
+        self.engine.flush()
+        self.engine.close()
+        self.sock.close()
+        self.status.close()
+
+    # -- the loop
+
+    def loop_pass(self) -> None:
+        busy = self.flush_job or self.prune_job
+        events = dict(self.poller.poll(0 if busy else POLL_MS))
+        if self.signals.r in events:
+            for sig in self.signals.drain():
+                self.handle_signal(sig)
+        if self.sock in events:
+            for _ in range(MAX_DRAIN):
+                try:
+                    peer, frame = self.sock.recv_multipart(zmq.NOBLOCK)[-2:]
+                except zmq.Again:
+                    break
+                self.handle_frame(peer, frame, time.monotonic())
+        self.maintenance_step()
+        self.engine.sync()                      # group commit: one durable write per pass
+        now = time.monotonic()
+        for received in self.durable_waits:
+            self.latency.observe(now - received)
+        self.durable_waits.clear()
+        if self.deferred:
+            self.retry_deferred(now)
+        self.send_replies()
+        self.run_timers(now)
+
+    def handle_signal(self, sig) -> None:
+        self.stopping = True
+
+    def handle_frame(self, peer: bytes, frame: bytes, received: float) -> None:
+        try:
+            msg = m.unpack(frame)
+            if not isinstance(msg, dict):
+                raise ValueError("message is not a map")
+        except Exception as exc:
+            self.reply(peer, m.error(None, "bad_request", f"undecodable message: {exc}"))
+            return
+        if msg.get("op") == m.MULTI:
+            msgs = msg.get("msgs")
+            if not isinstance(msgs, list):
+                self.reply(peer, m.error(msg.get("rid"), "bad_request", "multi without msgs"))
+                return
+            inc = msg.get("inc")
+            for sub in msgs:
+                if isinstance(sub, dict):
+                    sub.setdefault("inc", inc)
+                    self.dispatch(peer, sub, received)
+                else:
+                    self.reply(peer, m.error(None, "bad_request", "message is not a map"))
+        else:
+            self.dispatch(peer, msg, received)
+
+    def dispatch(self, peer, msg: dict, received: float) -> None:
+        op, rid = msg.get("op"), msg.get("rid")
+        if op != m.PING and msg.get("inc") != self.inc:
+            self.reply(peer, m.error(rid, m.STALE_INC, "message for another shard incarnation", True))
+            return
+        handler = getattr(self, f"handle_{op}", None) if op in m.OPS and op != m.MULTI else None
+        if handler is None:
+            self.reply(peer, m.error(rid, "bad_request", f"unknown op {op!r}"))
+            return
+        try:
+            result = handler(peer, msg, received)
+        except Conflict as exc:
+            self.counts["conflict"] += 1
+            self.reply(peer, m.error(rid, "conflict", "read versions changed or key locked",
+                                     True, keys=list(exc.keys)))
+        except TooOld as exc:
+            self.reply(peer, m.error(rid, "too_old", f"snapshot older than horizon {exc.horizon}",
+                                     False, horizon=exc.horizon))
+        except BadRequest as exc:
+            self.reply(peer, m.error(rid, "bad_request", str(exc)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            self.reply(peer, m.error(rid, "bad_request", f"malformed {op}: {exc!r}"))
+        except Exception as exc:  # a bug: answer it, never crash the shard
+            self.counts["error"] += 1
+            self.reply(peer, m.error(rid, "internal", f"{type(exc).__name__}: {exc}"))
+        else:
+            if result is not None:
+                self.reply(peer, result)
+
+    def reply(self, peer, reply: dict) -> None:
+        self.out.setdefault(peer, []).append(reply)
+
+    def send_replies(self) -> None:
+        for peer, replies in self.out.items():
+            frame = m.pack(replies[0] if len(replies) == 1 else {"replies": replies})
+            try:
+                self.sock.send_multipart([peer, frame], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the router went away; it will time these out
+        self.out.clear()
+
+    # -- handlers: each returns a reply dict, or None when it answers later
+
+    def handle_ping(self, peer, msg, received):
+        st = self.engine.stats()
+        return m.ok(msg.get("rid"), inc=self.inc, pid=os.getpid(), shard=self.shard,
+                    max_ts=st.get("max_ts", 0), block=st.get("block_height", 0),
+                    prepared=st.get("prepared", 0))
+
+    def handle_read(self, peer, msg, received):
+        keys, at = msg["keys"], int(msg["at"])
+        try:
+            rows = self.engine.read(keys, at)
+        except Blocked:
+            return self.defer(peer, msg, received)
+        return m.ok(msg["rid"], values=[v for v, _ in rows], versions=[ver for _, ver in rows])
+
+    def handle_scan(self, peer, msg, received):
+        try:
+            items, more = self.engine.scan(msg.get("start"), msg.get("end"),
+                                           int(msg["limit"]), int(msg["at"]))
+        except Blocked:
+            return self.defer(peer, msg, received)
+        return m.ok(msg["rid"], items=[list(it) for it in items], more=more)
+
+    def handle_validate(self, peer, msg, received):
+        self.engine.validate(msg["reads"])
+        return m.ok(msg["rid"])
+
+    def handle_commit(self, peer, msg, received):
+        self.engine.commit(int(msg["ts"]), msg["reads"], msg["writes"])
+        self.counts["committed"] += 1
+        self.durable_waits.append(received)
+        return m.ok(msg["rid"])
+
+    def handle_prepare(self, peer, msg, received):
+        self.engine.prepare(int(msg["txn"]), int(msg["ts"]), msg["reads"], msg["writes"],
+                            list(msg["participants"]))
+        self.twopc["prepared"] += 1
+        self.durable_waits.append(received)
+        return m.ok(msg["rid"])
+
+    def handle_commit_prepared(self, peer, msg, received):
+        self.engine.commit_prepared(int(msg["txn"]), int(msg["ts"]))
+        self.counts["committed"] += 1
+        self.twopc["committed"] += 1
+        self.unblocked = True
+        return m.ok(msg["rid"])
+
+    def handle_abort_prepared(self, peer, msg, received):
+        self.engine.abort_prepared(int(msg["txn"]))
+        self.twopc["aborted"] += 1
+        self.unblocked = True
+        return m.ok(msg["rid"])
+
+    def handle_recover_info(self, peer, msg, received):
+        prepared = [dict(p) for p in self.engine.prepared()]
+        txns = msg.get("txns")
+        if txns is None:
+            txns = [p["txn"] for p in prepared]
+        outcomes = {}
+        for txn in txns:
+            ts = self.engine.outcome(int(txn))
+            if ts is not None:
+                outcomes[int(txn)] = ts
+        return m.ok(msg["rid"], prepared=prepared, outcomes=outcomes)
+
+    def handle_forget(self, peer, msg, received):
+        self.engine.forget([int(t) for t in msg["txns"]])
+        return m.ok(msg["rid"])
+
+    def handle_block(self, peer, msg, received):
+        height = int(msg["height"])
+        current = self.engine.stats().get("block_height", 0)
+        if height != current:  # equal = a retry after a partial failure elsewhere: idempotent
+            self.engine.set_block(height)
+        rid = msg["rid"]
+        if self.flush_job is None and self.engine.should_flush(time.time()):
+            self.start_flush()
+            self.flush_job["waiters"].append((peer, lambda res: m.ok(rid, flushed=True)))
+            return None
+        return m.ok(rid, flushed=False)
+
+    def handle_flush(self, peer, msg, received):
+        # The router sends this behind a commit barrier: freeze now so the cut is this point.
+        self.finish_flush()
+        self.start_flush()
+        rid = msg["rid"]
+        self.flush_job["waiters"].append((peer, lambda res: m.ok(rid, **res)))
+        return None
+
+    def handle_prune(self, peer, msg, received):
+        keep = msg.get("keep_versions")
+        keep = self.keep_versions if keep is None else int(keep)
+        if keep < 1:
+            raise BadRequest("keep_versions must be >= 1")
+        if self.prune_job is None:
+            self.start_prune(keep)
+        rid = msg["rid"]
+        self.prune_job["waiters"].append((peer, lambda removed: m.ok(rid, versions_removed=removed)))
+        return None
+
+    def handle_checkpoint(self, peer, msg, received):
+        result = self.engine.create_checkpoint(msg["dir"], int(msg["ts"]))
+        return m.ok(msg["rid"], bytes=int(result.get("bytes", 0)))
+
+    def handle_stats(self, peer, msg, received):
+        return m.ok(msg["rid"], **self.snapshot())
+
+    # -- deferred reads
+
+    def defer(self, peer, msg, received):
+        at = int(msg["at"])
+        pin = self.engine.pin(at)
+        self.deferred.append(Deferred(peer, msg, received + self.read_wait,
+                                      at if pin is None else pin))
+        return None
+
+    def retry_deferred(self, now: float) -> None:
+        if not self.unblocked and all(d.deadline > now for d in self.deferred):
+            return
+        self.unblocked = False
+        waiting = self.deferred
+        self.deferred = []
+        for d in waiting:
+            before = len(self.deferred)
+            if d.deadline <= now:
+                self.reply(d.peer, m.error(d.msg.get("rid"), "unavailable",
+                                           "read waited too long on a prepared transaction", True))
+            else:
+                self.dispatch_retry(d)
+            if len(self.deferred) == before:  # answered (not deferred again): release the pin
+                self.engine.unpin(d.pin)
+
+    def dispatch_retry(self, d: Deferred) -> None:
+        try:
+            if d.msg["op"] == m.READ:
+                rows = self.engine.read(d.msg["keys"], int(d.msg["at"]))
+                self.reply(d.peer, m.ok(d.msg["rid"], values=[v for v, _ in rows],
+                                        versions=[ver for _, ver in rows]))
+            else:
+                items, more = self.engine.scan(d.msg.get("start"), d.msg.get("end"),
+                                               int(d.msg["limit"]), int(d.msg["at"]))
+                self.reply(d.peer, m.ok(d.msg["rid"], items=[list(it) for it in items], more=more))
+        except Blocked:
+            self.deferred.append(d)
+        except TooOld as exc:
+            self.reply(d.peer, m.error(d.msg["rid"], "too_old", "snapshot pruned", False,
+                                       horizon=exc.horizon))
+        except Exception as exc:
+            self.reply(d.peer, m.error(d.msg["rid"], "internal", f"{type(exc).__name__}: {exc}"))
+
+    # -- maintenance: incremental flush and prune, one step per pass
+
+    def start_flush(self) -> None:
+        self.flush_job = {"before": dict(self.engine.stats().get("flush", {})), "waiters": []}
+        self.engine.start_flush()
+
+    def finish_flush(self) -> None:
+        while self.flush_job is not None:
+            self.step_flush()
+
+    def step_flush(self) -> None:
+        if not self.engine.flush_step():
+            return
+        job, self.flush_job = self.flush_job, None
+        after = self.engine.stats().get("flush", {})
+        before = job["before"]
+        result = {"flush_ts": after.get("last_flush_ts", 0),
+                  "keys": after.get("keys_flushed", 0) - before.get("keys_flushed", 0),
+                  "bytes": after.get("bytes_flushed", 0) - before.get("bytes_flushed", 0)}
+        for peer, build in job["waiters"]:
+            self.reply(peer, build(result))
+
+    def start_prune(self, keep: int) -> None:
+        before = self.engine.stats().get("prune", {}).get("versions_removed", 0)
+        self.prune_job = {"before": before, "waiters": []}
+        self.engine.start_prune(keep)
+        self.last_prune = time.monotonic()
+
+    def step_prune(self) -> None:
+        if not self.engine.prune_step():
+            return
+        job, self.prune_job = self.prune_job, None
+        removed = self.engine.stats().get("prune", {}).get("versions_removed", 0) - job["before"]
+        self.unblocked = True  # the horizon moved: deferred reads may now be too old
+        for peer, build in job["waiters"]:
+            self.reply(peer, build(removed))
+
+    def maintenance_step(self) -> None:
+        if self.flush_job is not None:
+            self.step_flush()
+        elif self.prune_job is not None:   # one chunk of work per pass, flush first
+            self.step_prune()
+
+    def run_timers(self, now: float) -> None:
+        if now < self.next_stats:
+            return
+        self.next_stats = now + min(self.stats_interval, 0.25)
+        if os.getppid() != self.parent:
+            self.stopping = True            # the supervisor died
+        if self.flush_job is None and self.engine.should_flush(time.time()):
+            self.start_flush()
+        if (self.prune_job is None and self.auto_prune_secs > 0
+                and now - self.last_prune >= self.auto_prune_secs):
+            self.start_prune(self.keep_versions)
+        self.tps_samples.append((now, self.counts["committed"]))
+        while len(self.tps_samples) > 2 and now - self.tps_samples[0][0] > TPS_WINDOW_SECS:
+            self.tps_samples.popleft()
+        if now >= getattr(self, "next_push", 0.0):
+            self.next_push = now + self.stats_interval
+            self.status.send("stats", snapshot=self.snapshot())
+
+    # -- stats
+
+    def tps(self) -> float:
+        if len(self.tps_samples) < 2:
+            return 0.0
+        (t0, c0), (t1, c1) = self.tps_samples[0], self.tps_samples[-1]
+        return (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def snapshot(self) -> dict:
+        st = dict(self.engine.stats())
+        lat = self.latency.snapshot()
+        st.update({
+            "role": "shard", "shard": self.shard, "pid": os.getpid(), "inc": self.inc,
+            "ts": time.time(), "txn": dict(self.counts), "twopc": dict(self.twopc),
+            "commit_latency": lat, "tps": self.tps(),
+            "latency_p50_ms": quantile(lat, 0.50) * 1000,
+            "latency_p90_ms": quantile(lat, 0.90) * 1000,
+            "latency_p99_ms": quantile(lat, 0.99) * 1000,
+            "deferred_reads": len(self.deferred),
+        })
+        return st
+
+
+def main(argv=None) -> int:
+    spec = parse_spec(argv)
+    set_parent_death_signal()
+    return ShardWorker(spec).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

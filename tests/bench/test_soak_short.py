@@ -1,0 +1,35 @@
+"""A short soak: real node, shard SIGKILLs, invariants; exit 0 and the report exists."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts" / "benchmarks"))
+
+from node_suite import node_available  # noqa: E402
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.mark.skipif(not node_available(), reason="router/worker/engine not on main yet")
+def test_short_soak_passes_every_invariant_and_writes_its_report(tmp_path):
+    out = tmp_path / "soak"
+    proc = subprocess.run(
+        [sys.executable, "scripts/benchmarks/soak.py", "--duration", "60s", "--kill-every", "20",
+         "--checkpoint-every", "10", "--prune-every", "8", "--check-every", "4", "--sample-every", "2",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280)
+    doc = json.loads((out / "report.json").read_text())
+    assert proc.returncode == 0, (doc["violations"], proc.stdout[-3000:])
+    assert doc["passed"] is True
+    counts = doc["counts"]
+    assert counts["committed"] > 0 and counts["full_checks"] >= 2 and counts["scans"] >= 1
+    assert counts["kills"] >= 1 and counts["checkpoints"] >= 1
+    assert len(doc["samples"]) >= 5
+    assert "PASS" in (out / "report.md").read_text()
+    for png in ("tps.png", "p99.png", "rss.png", "disk.png", "flush_prune.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "t=" in proc.stdout          # progress lines

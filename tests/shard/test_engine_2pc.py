@@ -1,0 +1,72 @@
+"""Prepared transactions: locks, blocked reads, durable prepared records and outcomes."""
+import pytest
+
+from shard.errors import BadRequest, Blocked, Conflict
+
+
+def test_prepared_keys_conflict_writers_and_block_later_readers(open_engine):
+    e = open_engine()
+    e.commit(1, [], [(b"a", b"1"), (b"r", b"1")])
+    e.prepare(7, 5, [(b"r", 1)], [(b"a", b"2"), (b"n", b"new")], [0, 1])
+    with pytest.raises(Conflict):
+        e.commit(6, [], [(b"a", b"x")])
+    with pytest.raises(Conflict):
+        e.commit(6, [], [(b"r", b"x")])             # read-locked keys refuse writers too
+    with pytest.raises(Conflict):
+        e.validate([(b"n", 0)])
+    e.validate([(b"r", 1)])                          # read/read does not conflict
+    with pytest.raises(Blocked) as info:
+        e.read([b"a"], 5)
+    assert info.value.txn_ids == [7]
+    with pytest.raises(Blocked):
+        e.scan(b"m", None, 10, 9)
+    assert e.read([b"a", b"n", b"r"], 4) == [(b"1", 1), (None, 0), (b"1", 1)]
+    assert e.read([b"r"], 9) == [(b"1", 1)]         # only read-locked: no block
+    e.commit(8, [], [(b"z", b"ok")])                 # other keys commit meanwhile
+    e.commit_prepared(7, 5)
+    e.commit_prepared(7, 5)                          # idempotent
+    assert e.read([b"a", b"n"], 9) == [(b"2", 5), (b"new", 5)]
+    assert e.outcome(7) == 5
+
+
+def test_prepared_state_survives_restart_then_commit(open_engine):
+    e = open_engine()
+    e.prepare(3, 10, [], [(b"k", b"v")], [0, 2])
+    e.prepare(4, 11, [], [(b"j", b"w")], [0, 1])
+    e.sync()
+    e.close()
+    e = open_engine()
+    assert e.prepared() == [{"txn": 3, "ts": 10, "participants": [0, 2]},
+                            {"txn": 4, "ts": 11, "participants": [0, 1]}]
+    assert e.max_ts == 11
+    with pytest.raises(Conflict):
+        e.commit(12, [], [(b"k", b"x")])
+    e.commit_prepared(3, 10)
+    e.abort_prepared(4)
+    e.abort_prepared(4)
+    e.sync()
+    e.close()
+    e = open_engine()
+    assert e.prepared() == [] and e.outcome(3) == 10
+    assert e.read([b"k", b"j"], 20) == [(b"v", 10), (None, 0)]
+    e.flush()
+    e.forget([3])
+    e.sync()
+    e.close()
+    e = open_engine()
+    assert e.outcome(3) is None and e.read([b"k"], 20) == [(b"v", 10)]
+
+
+def test_prepare_conflicts_write_nothing(open_engine):
+    e = open_engine()
+    e.commit(1, [], [(b"a", b"1")])
+    e.prepare(1, 2, [], [(b"a", b"2")], [0])
+    with pytest.raises(Conflict):
+        e.prepare(2, 3, [(b"a", 1)], [(b"b", b"x")], [0])
+    with pytest.raises(Conflict):
+        e.prepare(2, 3, [(b"q", 9)], [(b"b", b"x")], [0])
+    assert e.prepared() == [{"txn": 1, "ts": 2, "participants": [0]}]
+    e.abort_prepared(1)
+    assert e.read([b"a", b"b"], 5) == [(b"1", 1), (None, 0)]
+    with pytest.raises(BadRequest):
+        e.commit_prepared(1, 2)

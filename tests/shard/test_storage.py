@@ -1,0 +1,62 @@
+import pytest
+
+from shard.storage import open_db
+
+
+@pytest.fixture
+def storage(tmp_path):
+    s = open_db(str(tmp_path / "db"), {"block_cache_bytes": 1 << 20})
+    yield s
+    s.close()
+
+
+def test_column_families_are_separate_and_raw(storage):
+    storage.put("data", b"k", b"\x00\xff")
+    storage.put("meta", b"k", b"m")
+    assert storage.get("data", b"k") == b"\x00\xff"
+    assert storage.get("meta", b"k") == b"m"
+    assert storage.get("log", b"k") is None
+
+
+def test_iterate_bounds_prefix_and_seek(storage):
+    storage.write_batch([("data", k, k.upper()) for k in (b"a1", b"a2", b"b1", b"c1")], wal=True)
+    assert [k for k, _ in storage.iterate("data", start=b"a2", stop=b"c1")] == [b"a2", b"b1"]
+    assert [k for k, _ in storage.iterate("data", prefix=b"a")] == [b"a1", b"a2"]
+    assert storage.seek("data", b"a15", b"a") == (b"a2", b"A2")
+    assert storage.seek("data", b"a3", b"a") is None
+    assert storage.last_key("data") == b"c1"
+
+
+def test_batch_is_atomic_put_delete_and_range(storage):
+    batch = storage.batch()
+    for i in range(5):
+        batch.put("log", bytes([i]), b"x")
+    storage.write(batch)
+    batch = storage.batch()
+    batch.delete_range("log", bytes([0]), bytes([3]))
+    batch.delete("log", bytes([4]))
+    storage.write(batch, sync=True)
+    assert [k for k, _ in storage.iterate("log")] == [bytes([3])]
+
+
+def test_reopen_keeps_wal_writes_and_checkpoint_copies(tmp_path):
+    s = open_db(str(tmp_path / "db"))
+    s.put("data", b"k", b"v")
+    s.write_batch([("data", b"w", b"1")], wal=False)
+    s.flush(("data",))
+    s.checkpoint(str(tmp_path / "ck"))
+    assert s.property_int("rocksdb.estimate-num-keys") >= 1
+    s.close()
+    s = open_db(str(tmp_path / "ck"), create=False)
+    assert s.get("data", b"k") == b"v" and s.get("data", b"w") == b"1"
+    s.close()
+
+
+def test_open_missing_without_create_fails(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        open_db(str(tmp_path / "nothing"), create=False)
+
+
+def test_bad_compression_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="compression"):
+        open_db(str(tmp_path / "db"), {"compression": "gzip"})
