@@ -362,7 +362,7 @@ class ShardWorker:
         if height != current:  # equal = a retry after a partial failure elsewhere: idempotent
             self.engine.set_block(height)
         rid = msg["rid"]
-        if self.flush_job is None and self.engine.should_flush(time.time()):
+        if self.flush_job is None and self.engine.should_flush(time.monotonic()):
             self.start_flush()
             self.flush_job["waiters"].append((peer, lambda res: m.ok(rid, flushed=True)))
             return None
@@ -486,7 +486,7 @@ class ShardWorker:
         self.next_stats = now + min(self.stats_interval, 0.25)
         if os.getppid() != self.parent:
             self.stopping = True            # the supervisor died
-        if self.flush_job is None and self.engine.should_flush(time.time()):
+        if self.flush_job is None and self.engine.should_flush(time.monotonic()):
             self.start_flush()
         if (self.prune_job is None and self.auto_prune_secs > 0
                 and now - self.last_prune >= self.auto_prune_secs):
