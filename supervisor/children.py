@@ -113,3 +113,8 @@ def describe_exit(status: int) -> str:
     if os.WIFEXITED(status):
         return f"exited with status {os.WEXITSTATUS(status)}"
     return f"ended with wait status {status}"
+
+
+def exit_code(status: int) -> int | None:
+    """The exit status of a waitpid status, None when the process died by a signal."""
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else None

@@ -24,11 +24,12 @@ import msgpack
 import zmq
 
 from supervisor import datadir, observability, restore
-from supervisor.children import EX_CONFIG, Child, describe_exit
+from supervisor.children import EX_CONFIG, Child, describe_exit, exit_code
 
 log = logging.getLogger("shardkv.supervisor")
 
 POLL_MAX_SECS = 0.25
+LAST_WORDS_SECS = 1.0   # how long a dead, never-ready child's `fatal` message is awaited
 IPC_DIR_MAX = 80   # leaves room for "/shard-<i>.sock" within the 107-byte socket path limit
 
 
@@ -274,8 +275,20 @@ class Supervisor:
             child = next((c for c in self.children if c.pid == pid), None)
             if child is None:
                 continue
-            self.read_status()   # a fatal message sent just before exiting is read first
+            if self.state != "stopping" and (not child.ever_ready or exit_code(status) == EX_CONFIG):
+                self.await_last_words(child)
             self.child_ended(child, status)
+
+    def await_last_words(self, child: Child) -> None:
+        """A child that fails to boot sends `fatal` and exits at once; SIGCHLD may beat its
+        message through the socket, so give the message a moment to arrive."""
+        deadline = time.monotonic() + LAST_WORDS_SECS
+        while child.fatal_error is None:
+            self.read_status()
+            left = deadline - time.monotonic()
+            if child.fatal_error is not None or left <= 0:
+                return
+            self.pull.poll(left * 1000)
 
     def child_ended(self, child: Child, status: int) -> None:
         how = describe_exit(status)
@@ -292,7 +305,7 @@ class Supervisor:
             return
         if child.fatal_error:
             self.halt(f"{child.name} cannot start: {child.fatal_error}")
-        elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == EX_CONFIG:
+        elif exit_code(status) == EX_CONFIG:
             self.halt(f"{child.name} {how} (a non-transient boot failure; see its log above)")
         elif not ever_ready:
             self.halt(f"{child.name} {how} before it ever became ready; see its log above")
