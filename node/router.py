@@ -103,7 +103,7 @@ class Request:
 
 
 class BatchRun:
-    __slots__ = ("req", "txns", "results", "next", "finished", "undecided")
+    __slots__ = ("req", "txns", "results", "next", "finished", "undecided", "locked")
 
     def __init__(self, req, txns):
         self.req = req
@@ -111,7 +111,8 @@ class BatchRun:
         self.results = [None] * len(txns)
         self.next = 0
         self.finished = 0
-        self.undecided = {}            # TwoPC -> key set, for entries still undecided
+        self.undecided = {}            # TwoPC -> keys of an entry still undecided
+        self.locked = collections.Counter()   # key -> undecided entries touching it
 
 
 class Router:
@@ -712,13 +713,12 @@ class Router:
         self.pump_batch(run)
 
     def pump_batch(self, run: BatchRun) -> None:
+        locked = run.locked
         while run.next < len(run.txns):
             t = run.txns[run.next]
-            keys = None
-            if run.undecided:
-                keys = {k for k, _ in t["reads"]} | {k for k, _ in t["writes"]}
-                if any(keys & ks for ks in run.undecided.values()):
-                    return   # resumed when that entry is decided
+            if locked and (any(k in locked for k, _ in t["reads"])
+                           or any(k in locked for k, _ in t["writes"])):
+                return   # touches an undecided 2PC entry: resumed when that one is decided
             if self.barriers and self.is_cross_shard(t):
                 self.held.append(lambda: self.pump_batch(run))
                 return
@@ -726,13 +726,17 @@ class Router:
             run.next += 1
             txn = self.start_txn(t, lambda result, i=i: self.batch_entry_done(run, i, result))
             if txn is not None and txn.decision is None:
-                if keys is None:
-                    keys = {k for k, _ in t["reads"]} | {k for k, _ in t["writes"]}
+                keys = {k for k, _ in t["reads"]} | {k for k, _ in t["writes"]}
                 run.undecided[txn] = keys
+                locked.update(keys)
                 txn.on_decided.append(lambda txn=txn: self.batch_decided(run, txn))
 
     def batch_decided(self, run: BatchRun, txn: TwoPC) -> None:
-        run.undecided.pop(txn, None)
+        keys = run.undecided.pop(txn, ())
+        run.locked.subtract(keys)
+        for k in keys:
+            if run.locked[k] <= 0:
+                del run.locked[k]
         self.pump_batch(run)
 
     def batch_entry_done(self, run: BatchRun, i: int, result: dict) -> None:
