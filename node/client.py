@@ -16,6 +16,7 @@ socket is replaced, so a late reply can never be mistaken for a later request's.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import random
@@ -307,10 +308,10 @@ class Client:
         """Run many requests with up to `window` in flight. Returns, in request order,
         each result dict or the ShardKVError instance it failed with (not raised)."""
         results: list = []
-        in_flight: list[tuple[int, int]] = []   # (position, rid), oldest first
+        in_flight: collections.deque[tuple[int, int]] = collections.deque()  # (position, rid)
         for op, fields in requests:
             if len(in_flight) >= window:
-                pos, rid = in_flight.pop(0)
+                pos, rid = in_flight.popleft()
                 results[pos] = _result_or_error(self.recv(rid))
             in_flight.append((len(results), self.send(op, **fields)))
             results.append(None)

@@ -166,3 +166,26 @@ def test_retry_is_bounded_and_only_retries_retryable():
             raise item
         return item
     assert retry(then_ok, attempts=2, sleep=lambda s: None) == 7
+
+
+def test_curve_client_talks_to_a_curve_server():
+    ctx = zmq.Context.instance()
+    server_public, server_secret = zmq.curve_keypair()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.curve_server = True
+    sock.curve_secretkey = server_secret
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", timeout=5, server_public_key=server_public) as kv:
+            rid = kv.send("ping")
+            assert sock.poll(5000)
+            ident, frame = sock.recv_multipart()
+            sock.send_multipart([ident, encode_reply(msgpack.unpackb(frame)["id"], version=1)])
+            assert kv.recv(rid)["version"] == 1
+        # without the server key the handshake never completes: no request arrives
+        with Client(f"tcp://127.0.0.1:{port}", timeout=0.3) as plain:
+            plain.send("ping")
+            assert not sock.poll(300)
+    finally:
+        sock.close(linger=0)
