@@ -455,6 +455,10 @@ class ShardEngine:
     def outcome(self, txn_id: int) -> int | None:
         return self.outcomes.get(txn_id)
 
+    def outcome_txns(self) -> list:
+        """Ids of every txn this shard keeps an outcome record for."""
+        return sorted(self.outcomes)
+
     def forget(self, txn_ids) -> None:
         for txn_id in txn_ids:
             if self.outcomes.pop(txn_id, None) is not None:

@@ -353,7 +353,11 @@ class ShardWorker:
         return m.ok(msg["rid"], prepared=prepared, outcomes=outcomes)
 
     def handle_forget(self, peer, msg, received):
-        self.engine.forget([int(t) for t in msg["txns"]])
+        # "all": the router has just resolved every in-doubt txn on every shard, so no
+        # outcome record can still be needed (records left by a router that died between
+        # the last commit ack and its forget would otherwise stay forever).
+        txns = self.engine.outcome_txns() if msg.get("all") else msg["txns"]
+        self.engine.forget([int(t) for t in txns])
         return m.ok(msg["rid"])
 
     def handle_block(self, peer, msg, received):
