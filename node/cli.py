@@ -152,7 +152,9 @@ def run_scan(args, kv: Client, out, arg) -> None:
 def _table(headers: list[str], rows: list[list]) -> str:
     cells = [headers] + [["-" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    # first column (a name) left-aligned, numbers right-aligned
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in cells]
     return "\n".join(lines) + "\n"
 
 
@@ -174,19 +176,26 @@ def _success(committed: int, conflict: int, error: int) -> str | None:
 
 
 def _node_latency(shards: list[dict]) -> list:
-    """Node P50/P90/P99: the shards' commit-latency histograms merged, when present."""
+    """Node P50/P90/P99: the shards' commit-latency histograms merged, when the stats
+    carry them; otherwise "<=" the largest shard quantile, a true upper bound (a
+    mixture's q-quantile never exceeds the largest of its parts' q-quantiles)."""
     merged = None
-    for s in shards:
-        snap = s.get("commit_latency")
-        if not snap:
-            continue
-        try:
+    try:
+        for s in shards:
+            snap = s.get("commit_latency")
+            if not snap:
+                merged = None
+                break
             merged = snap if merged is None else histogram.merge(merged, snap)
-        except (ValueError, KeyError, TypeError):
-            return [None, None, None]
-    if merged is None or not merged.get("count"):
-        return [None, None, None]
-    return [_ms(histogram.quantile(merged, q) * 1000.0) for q in (0.5, 0.9, 0.99)]
+    except (ValueError, KeyError, TypeError):
+        merged = None
+    if merged is not None and merged.get("count"):
+        return [_ms(histogram.quantile(merged, q) * 1000.0) for q in (0.5, 0.9, 0.99)]
+    bounds = []
+    for name in ("latency_p50_ms", "latency_p90_ms", "latency_p99_ms"):
+        values = [float(s[name]) for s in shards if isinstance(s.get(name), (int, float))]
+        bounds.append(f"<={max(values):.2f}" if values else None)
+    return bounds
 
 
 def format_stats(stats: dict) -> str:
@@ -220,6 +229,10 @@ def format_stats(stats: dict) -> str:
                  totals["kf"], totals["bf"], None])
     text = _table(headers, rows)
     extra = {k: v for k, v in node.items() if isinstance(v, (int, float, str, bool)) and v is not None}
+    requests = node.get("requests")
+    if isinstance(requests, dict) and requests:
+        extra["requests"] = ", ".join(f"{k} {v}" for k, v in sorted(requests.items())
+                                      if isinstance(v, (int, float)))
     if extra:
         text += "\n" + "\n".join(f"{k}: {v}" for k, v in sorted(extra.items())) + "\n"
     return text

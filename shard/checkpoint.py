@@ -58,10 +58,8 @@ def read_manifest(checkpoint_shard_dir: str) -> dict | None:
         return None
 
 
-def check_shard_dir(path: str, shard_id: int, shard_count: int) -> None:
-    """(DESIGN name: verify_shard_dir; exported under that name once supervisor's restore
-    tests build real shard dirs: their stand-in dirs are not shard databases.)
-    Raise StorageMismatch unless `path` opens as a RocksDB shard of this id and count.
+def verify_shard_dir(path: str, shard_id: int, shard_count: int) -> None:
+    """Raise StorageMismatch unless `path` opens as a RocksDB shard of this id and count.
     Opens read-write (RocksDB replays its WAL), so use it on copies, not on checkpoints."""
     if not os.path.isdir(path):
         raise StorageMismatch(f"{path}: not a directory")
@@ -117,7 +115,7 @@ def restore_shard(checkpoint_shard_dir: str, shard_dir: str,
     shutil.rmtree(tmp, ignore_errors=True)
     _copy_db(checkpoint_shard_dir, tmp)
     try:
-        check_shard_dir(tmp, shard_id, shard_count)
+        verify_shard_dir(tmp, shard_id, shard_count)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,7 +6,8 @@ iterating the old list). Memory versions are newer than disk versions, so keepin
 newest of the resident ones is the same choice as over the whole chain.
 Phase 2 (disk): walk the `data` column family `step_keys` user keys at a time; for each
 key merge the resident and on-disk version ts, choose the survivors, and delete the
-other rows in one WAL-on batch that also records the raised horizon (so a crash never
+other rows in one WAL-on batch (never the newest disk row of a key, and never while a
+flush is unfinished: see _prune_disk) that also records the raised horizon (so a crash never
 leaves rows deleted below an old horizon).
 
 Survivors: the `keep` newest plus, for every pinned snapshot, the newest version at or
@@ -53,6 +54,10 @@ class PruneJob:
                 continue
             ts_desc = [ts for ts, _ in reversed(chains)]
             kept = keep_set(ts_desc, keep, pins)
+            if frozen_chain:
+                # the frozen chain's newest version becomes the key's newest disk row,
+                # which is never dropped (see _prune_disk)
+                kept.add(frozen_chain[-1][0])
             if len(kept) == len(ts_desc):
                 continue
             horizon = max(horizon, horizon_after(ts_desc, kept))
@@ -110,6 +115,10 @@ class PruneJob:
             ts_all = sorted(mem.union(ts for _, ts in group), reverse=True)
             if len(ts_all) > keep:
                 kept = keep_set(ts_all, keep, pins)
+                # Never drop a key's newest disk row: after a crash the log replays the
+                # resident versions on top of it, and their live/deleted accounting
+                # (live_keys) needs the version just below them.
+                kept.add(group[0][1])
                 lost = 0
                 for vkey, ts in group:
                     if ts not in kept:
@@ -123,6 +132,9 @@ class PruneJob:
         else:
             self.disk_done = True
         if deleted:
+            # The horizon may name a version committed but still staged: make the log
+            # durable first, so a recovered horizon never exceeds the recovered max_ts.
+            engine.log.sync()
             if horizon > engine.horizon:
                 engine.horizon = horizon
             batch.put("meta", cl.HORIZON, cl.pack_int(engine.horizon))
@@ -135,6 +147,11 @@ class PruneJob:
             self._prune_memory()
             return False
         if not self.disk_done:
+            if self.engine.flush_job is not None:
+                # Rows of an unfinished flush are not durable yet (WAL off): let it finish
+                # before deciding on disk rows.
+                self.engine.flush_step()
+                return False
             self._prune_disk()
             if not self.disk_done:
                 return False

@@ -62,3 +62,10 @@ def test_checkpoint_list_formatting():
     assert cli.format_checkpoints([]) == "(no checkpoints)\n"
     text = cli.format_checkpoints([{"name": "a", "ts": 5, "block": 1, "created_at": 0.0, "bytes": 9}])
     assert text.splitlines()[1].split()[:3] == ["a", "5", "1"]
+
+
+def test_node_latency_without_histograms_is_an_upper_bound():
+    shards = [{"shard": 0, "latency_p50_ms": 1.0, "latency_p90_ms": 2.0, "latency_p99_ms": 3.0},
+              {"shard": 1, "latency_p50_ms": 4.0, "latency_p90_ms": 5.0, "latency_p99_ms": 6.0}]
+    node_row = cli.format_stats({"node": {}, "shards": shards}).splitlines()[3].split()
+    assert node_row[0] == "node" and node_row[5:8] == ["<=4.00", "<=5.00", "<=6.00"]

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from shard.checkpoint import read_manifest, restore_shard, check_shard_dir
+from shard.checkpoint import read_manifest, restore_shard, verify_shard_dir
 from shard.errors import StorageMismatch
 
 
@@ -36,5 +36,5 @@ def test_restore_of_wrong_shard_keeps_old_data(open_engine, tmp_path):
     with pytest.raises(StorageMismatch):
         restore_shard(str(tmp_path / "nope"), str(tmp_path / "shard"), 0, 2)
     assert not os.path.exists(str(tmp_path / "shard") + ".restore-tmp")
-    check_shard_dir(str(tmp_path / "shard"), 0, 2)
+    verify_shard_dir(str(tmp_path / "shard"), 0, 2)
     assert open_engine(shard_id=0, shard_count=2).read([b"a"], 1) == [(b"1", 1)]
