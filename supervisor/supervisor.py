@@ -33,10 +33,6 @@ LAST_WORDS_SECS = 1.0   # how long a dead, never-ready child's `fatal` message i
 IPC_DIR_MAX = 80   # leaves room for "/shard-<i>.sock" within the 107-byte socket path limit
 
 
-class HaltError(RuntimeError):
-    """The node cannot start as configured; the message says why."""
-
-
 class Supervisor:
     SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGCHLD: "chld",
                signal.SIGHUP: "hup"}
@@ -70,7 +66,7 @@ class Supervisor:
             self.spawn_all()
             while self.state != "stopped":
                 self.loop_once()
-        except (HaltError, datadir.DataDirError, restore.RestoreError) as exc:
+        except (datadir.DataDirError, restore.RestoreError) as exc:
             log.error("%s", exc)
             self.exit_code = 1
         except OSError as exc:   # e.g. a port in use: the message names it

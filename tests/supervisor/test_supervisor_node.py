@@ -7,7 +7,9 @@ import signal
 import threading
 import time
 
+import msgpack
 import pytest
+import zmq
 
 from supervisor_harness import (ROOT, NodeProcess, free_port, http_get, metric, request, wait_for,
                                 write_config)
@@ -242,3 +244,29 @@ def test_a_shard_that_cannot_open_its_data_halts_the_node(node, tmp_path):
     assert "halting: shard 1 " in log and "File exists" in log
     assert "restarting" not in log
     assert halted.stdout_lines == [] and halted.children() == []
+
+
+def test_sigterm_finishes_in_flight_requests_before_exiting(node):
+    proc = node.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(node.listen)
+    try:
+        for i in range(200):                              # pipelined: all in flight at once
+            sock.send(msgpack.packb({"op": "txn", "id": i,
+                                     "writes": [[b"inflight-%d" % i, b"v%d" % i]]}))
+        first = msgpack.unpackb(sock.recv(), raw=False)   # the router is working on them
+        proc.signal(signal.SIGTERM)
+        replies = [first]
+        while len(replies) < 200 and sock.poll(5000):
+            replies.append(msgpack.unpackb(sock.recv(), raw=False))
+    finally:
+        sock.close()
+    assert proc.wait_exit() == 0
+    acked = [r["id"] for r in replies if r["ok"]]
+    print(f"{len(replies)} replies to 200 in-flight txns, {len(acked)} ok")
+    assert len(replies) == 200, "an in-flight request got no reply"
+    node.start()
+    got = node.call("get", keys=[b"inflight-%d" % i for i in acked])["values"]
+    assert got == [b"v%d" % i for i in acked]
+    node.stop()
