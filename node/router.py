@@ -35,7 +35,7 @@ from node.security import secure_client_socket
 from node.protocol import Limits, ProtocolError, decode_request, encode_error, encode_reply
 from node.timestamps import TimestampOracle
 from shard import messages as m
-from shard.histogram import Histogram
+from shard.histogram import Histogram, RateWindow, summary_ms
 from shard.worker import EXIT_FATAL, SignalPipe, SupervisorLink, parse_spec, set_parent_death_signal
 
 MAX_DRAIN = 1024        # client frames taken per loop pass
@@ -153,6 +153,9 @@ class Router:
         self.req_hist = {}
         self.results = collections.Counter()
         self.twopc = collections.Counter()
+        # node-level transaction figures for `stats` (txn requests and batch entries alike)
+        self.txn_outcomes = collections.Counter()
+        self.committed_rate = RateWindow()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -567,8 +570,19 @@ class Router:
 
     # -- txn and batch
 
+    def count_txn(self, result: dict) -> None:
+        """One transaction's outcome, for the node row of `stats`."""
+        if result["ok"]:
+            self.txn_outcomes["committed"] += 1
+            self.committed_rate.add(1)
+        elif result["error"].get("code") == "conflict":
+            self.txn_outcomes["conflict"] += 1
+        else:
+            self.txn_outcomes["error"] += 1
+
     def op_txn(self, ctx, req):
         def done(result):
+            self.count_txn(result)
             if result["ok"]:
                 self.reply(ctx, commit_ts=result["commit_ts"])
             else:
@@ -748,6 +762,7 @@ class Router:
         self.pump_batch(run)
 
     def batch_entry_done(self, run: BatchRun, i: int, result: dict) -> None:
+        self.count_txn(result)
         run.results[i] = result
         run.finished += 1
         if run.finished == len(run.txns):
@@ -911,11 +926,26 @@ class Router:
             node = {"supervisor_pid": os.getppid(), "router_pid": os.getpid(), "ts": self.oracle.last,
                     "block_height": self.block_height, "shards": self.nshards,
                     "inflight": self.inflight, "twopc": dict(self.twopc),
-                    "requests": {f"{op}:{res}": n for (op, res), n in self.results.items()}}
+                    "requests": {f"{op}:{res}": n for (op, res), n in self.results.items()},
+                    **self.node_txn_figures()}
             self.reply(ctx, node=node, shards=shards)
         if not up:
             return done({})
         self.scatter({s: {"op": m.STATS} for s in up}, done)
+
+    def node_txn_figures(self) -> dict:
+        """TPS, success rate and end-to-end latency of the whole node, as a client sees it:
+        latency is the router's `txn` request histogram (one transaction per request)."""
+        done = sum(self.txn_outcomes.values())
+        figures = {"tps": self.committed_rate.rate(),
+                   "txn_committed": self.txn_outcomes["committed"],
+                   "txn_conflict": self.txn_outcomes["conflict"],
+                   "txn_error": self.txn_outcomes["error"],
+                   "success_rate": self.txn_outcomes["committed"] / done if done else None}
+        hist = self.req_hist.get("txn")
+        if hist is not None:
+            figures.update(summary_ms(hist.snapshot()))
+        return figures
 
     def snapshot(self) -> dict:
         return {"role": "router", "pid": os.getpid(), "ts": time.time(), "commit_ts": self.oracle.last,
