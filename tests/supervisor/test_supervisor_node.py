@@ -239,9 +239,9 @@ def test_a_shard_that_cannot_open_its_data_halts_the_node(node, tmp_path):
     node.procs.append(halted)
     assert halted.wait_exit(timeout=60) == 1
     log = halted.log()
-    # The reason reaches the log either way: as the worker's `fatal` message ("halting:
-    # shard 1 cannot start: ...") or, if that message is lost, from the worker's stderr.
-    assert "halting: shard 1 " in log and "File exists" in log
+    # The worker's `fatal` message reaches the supervisor (it is flushed before the worker
+    # exits), and the supervisor halts with its reason.
+    assert "halting: shard 1 cannot start: shard 1: " in log and "File exists" in log
     assert "restarting" not in log
     assert halted.stdout_lines == [] and halted.children() == []
 
