@@ -223,12 +223,25 @@ def format_stats(stats: dict) -> str:
         totals["committed"] += committed
         totals["conflict"] += conflict
         totals["error"] += error
+    # The node row: the router's own figures (each transaction once, latency end to end)
+    # when it sends them; otherwise sums over shards and the shards' worst latency.
+    if "tps" in node:
+        node_tps = float(node.get("tps") or 0)
+        node_success = _success(int(node.get("txn_committed") or 0), int(node.get("txn_conflict") or 0),
+                                int(node.get("txn_error") or 0))
+        node_latency = [_ms(node.get(f"latency_p{p}_ms")) for p in (50, 90, 99)]
+    else:
+        node_tps = totals["tps"]
+        node_success = _success(totals["committed"], totals["conflict"], totals["error"])
+        node_latency = _node_latency(shards)
     rows.append(["node", node.get("router_pid"), "yes" if all(s.get("up", True) for s in shards) else "NO",
-                 f"{totals['tps']:.1f}", _success(totals["committed"], totals["conflict"], totals["error"]),
-                 *_node_latency(shards), totals["keys"], totals["versions"], totals["flushes"],
-                 totals["kf"], totals["bf"], None])
+                 f"{node_tps:.1f}", node_success, *node_latency, totals["keys"], totals["versions"],
+                 totals["flushes"], totals["kf"], totals["bf"], None])
     text = _table(headers, rows)
-    extra = {k: v for k, v in node.items() if isinstance(v, (int, float, str, bool)) and v is not None}
+    shown = {"tps", "success_rate", "txn_committed", "txn_conflict", "txn_error",
+             "latency_p50_ms", "latency_p90_ms", "latency_p99_ms"}
+    extra = {k: v for k, v in node.items()
+             if isinstance(v, (int, float, str, bool)) and v is not None and k not in shown}
     requests = node.get("requests")
     if isinstance(requests, dict) and requests:
         extra["requests"] = ", ".join(f"{k} {v}" for k, v in sorted(requests.items())

@@ -176,8 +176,15 @@ def _decode(frame: bytes, limits: Limits) -> dict:
     rid = msg.get("id")
     if not _is_scalar(rid):
         raise ProtocolError(BAD_REQUEST, "id must be a scalar (nil, bool, int, float, str or bin)")
+    op = msg.get("op")
+    fast = _FAST_PARSERS.get(op) if type(op) is str else None
+    if fast is not None:
+        request = fast(msg, limits)
+        if request is not None:
+            request["op"] = op
+            request["id"] = rid
+            return request
     try:
-        op = msg.get("op")
         if not isinstance(op, str):
             raise ProtocolError(BAD_REQUEST, "op must be a string")
         parse = _PARSERS.get(op)
@@ -190,6 +197,100 @@ def _decode(frame: bytes, limits: Limits) -> dict:
     request["op"] = op
     request["id"] = rid
     return request
+
+
+# -- fast paths for the hot ops (get, txn, batch) -------------------------------------
+# Each returns the normalized request when the input is fully valid, else None; on None
+# the reference parser below runs and raises the exact error (code, message, order of
+# checks). So a fast path only has to accept a subset of valid inputs with the same
+# output: it takes exact msgpack types (bytes keys and values; a str key falls back) and
+# checks with plain loops, no per-item calls or exceptions.
+
+def _fast_txn_body(entry: dict, limits: Limits) -> dict | None:
+    writes_in = entry.get("writes")
+    reads_in = entry.get("reads")
+    block = entry.get("block")
+    if type(writes_in) is not list:
+        return None
+    if reads_in is None:
+        reads_in = ()
+    elif type(reads_in) is not list:
+        return None
+    if block is not None and (type(block) is not int or block < 0 or block > MAX_INT):
+        return None
+    if len(reads_in) + len(writes_in) > limits.max_txn_ops:
+        return None
+    max_key = limits.max_key_bytes
+    max_value = limits.max_value_bytes
+    total = 0
+    reads = []
+    for item in reads_in:
+        if type(item) is not list or len(item) != 2:
+            return None
+        key, version = item
+        if type(key) is not bytes or type(version) is not int:
+            return None
+        n = len(key)
+        if not n or n > max_key or version < 0 or version > MAX_INT:
+            return None
+        total += n
+        reads.append((key, version))
+    writes = {}
+    for item in writes_in:
+        if type(item) is not list or len(item) != 2:
+            return None
+        key, value = item
+        if type(key) is not bytes:
+            return None
+        n = len(key)
+        if not n or n > max_key:
+            return None
+        if value is not None:
+            if type(value) is not bytes or len(value) > max_value:
+                return None
+            n += len(value)
+        total += n
+        writes[key] = value
+    if total > limits.max_txn_bytes:
+        return None
+    return {"reads": reads, "writes": list(writes.items()), "block": block}
+
+
+def _fast_txn(msg: dict, limits: Limits) -> dict | None:
+    return _fast_txn_body(msg, limits)
+
+
+def _fast_batch(msg: dict, limits: Limits) -> dict | None:
+    txns_in = msg.get("txns")
+    if type(txns_in) is not list or len(txns_in) > limits.max_batch_txns:
+        return None
+    txns = []
+    body = _fast_txn_body
+    for entry in txns_in:
+        if type(entry) is not dict:
+            return None
+        t = body(entry, limits)
+        if t is None:
+            return None
+        txns.append(t)
+    return {"txns": txns}
+
+
+def _fast_get(msg: dict, limits: Limits) -> dict | None:
+    keys = msg.get("keys")
+    at = msg.get("at")
+    if type(keys) is not list or len(keys) > limits.max_get_keys:
+        return None
+    if at is not None and (type(at) is not int or at < 0 or at > MAX_INT):
+        return None
+    max_key = limits.max_key_bytes
+    for key in keys:
+        if type(key) is not bytes or not key or len(key) > max_key:
+            return None
+    return {"keys": keys, "at": at}
+
+
+_FAST_PARSERS = {"get": _fast_get, "txn": _fast_txn, "batch": _fast_batch}
 
 
 def _is_scalar(value: Any) -> bool:

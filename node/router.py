@@ -35,11 +35,13 @@ from node.security import secure_client_socket
 from node.protocol import Limits, ProtocolError, decode_request, encode_error, encode_reply
 from node.timestamps import TimestampOracle
 from shard import messages as m
-from shard.histogram import Histogram
-from shard.worker import EXIT_FATAL, SignalPipe, SupervisorLink, parse_spec, set_parent_death_signal
+from shard.histogram import Histogram, RateWindow, summary_ms
+from shard.worker import (EXIT_FATAL, ProcessProfile, SignalPipe, SupervisorLink, parse_spec,
+                          set_parent_death_signal, tune_gc)
 
 MAX_DRAIN = 1024        # client frames taken per loop pass
 POLL_MS = 20
+MAX_FORGETS = 4096      # outcome records to forget that get a frame of their own
 
 
 def shard_of(key: bytes, shards: int) -> int:
@@ -76,23 +78,48 @@ class ShardLink:
         self.state = "down"        # down -> resolving -> up
         self.last_pong = time.monotonic()
         self.outbox = []
+        self.group = None          # the open `txns` message at the end of outbox, if any
+        self.forgets = []          # txns to forget, sent as one message per loop pass
         self.pending = set()       # rids in flight at this shard
         self.max_ts = 0
         self.block = 0
         self.pid = None
 
 
-class TwoPC:
-    """A cross-shard txn from prepare until every participant applied the decision."""
-    __slots__ = ("ts", "participants", "done", "decision", "on_decided", "unacked")
+class TxnGroup:
+    """One `txns` message to a shard: its items and, per item, what to tell on the result:
+    (KIND_COMMIT, owner, index, ts) | (KIND_PREPARE, TwoPC) | (KIND_COMMIT_PREPARED, TwoPC,
+    shard) | (KIND_ABORT,)."""
+    __slots__ = ("items", "targets")
 
-    def __init__(self, ts, participants, done):
+    def __init__(self):
+        self.items = []
+        self.targets = []
+
+
+KIND_COMMIT, KIND_PREPARE, KIND_COMMIT_PREPARED, KIND_ABORT = range(4)
+
+
+class TwoPC:
+    """A cross-shard txn from prepare until every participant applied the decision.
+    The requester is `owner` (a Request for `txn`, a BatchRun for `batch`) entry `index`."""
+    __slots__ = ("ts", "participants", "owner", "index", "decision", "on_decided", "unacked",
+                 "waiting", "conflict_keys", "failure", "acks_waiting", "any_ack", "run")
+
+    def __init__(self, ts, participants, owner, index):
         self.ts = ts
         self.participants = participants
-        self.done = done               # callback(result) to the requester
+        self.owner = owner
+        self.index = index
         self.decision = None           # None (undecided) | "commit" | "abort"
         self.on_decided = []
         self.unacked = set()           # participants that have not acked commit_prepared
+        self.waiting = len(participants)   # prepare results still to come
+        self.conflict_keys = []
+        self.failure = None
+        self.acks_waiting = 0          # commit_prepared results still to come
+        self.any_ack = False
+        self.run = None                # the BatchRun that holds this txn's keys locked
 
 
 class Request:
@@ -103,16 +130,32 @@ class Request:
 
 
 class BatchRun:
+    """A `batch` request being dispatched entry by entry (the owner of its entries)."""
     __slots__ = ("req", "txns", "results", "next", "finished", "undecided", "locked")
 
-    def __init__(self, req, txns):
+    def __init__(self, req, txns, track_keys: bool = True):
         self.req = req
         self.txns = txns
         self.results = [None] * len(txns)
         self.next = 0
         self.finished = 0
         self.undecided = {}            # TwoPC -> keys of an entry still undecided
-        self.locked = collections.Counter()   # key -> undecided entries touching it
+        # key -> undecided entries touching it; None when no key is in two entries
+        self.locked = collections.Counter() if track_keys else None
+
+
+def shares_keys(txns) -> bool:
+    """Whether some key is read or written by two different entries of a batch."""
+    first = {}
+    setdefault = first.setdefault
+    for i, t in enumerate(txns):
+        for k, _ in t["reads"]:
+            if setdefault(k, i) != i:
+                return True
+        for k, _ in t["writes"]:
+            if setdefault(k, i) != i:
+                return True
+    return False
 
 
 class Router:
@@ -153,6 +196,9 @@ class Router:
         self.req_hist = {}
         self.results = collections.Counter()
         self.twopc = collections.Counter()
+        # node-level transaction figures for `stats` (txn requests and batch entries alike)
+        self.txn_outcomes = collections.Counter()
+        self.committed_rate = RateWindow()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -189,7 +235,12 @@ class Router:
         self.poller.register(self.signals.r, zmq.POLLIN)
 
     def run(self) -> int:
+        with ProcessProfile("router"):
+            return self.run_loop()
+
+    def run_loop(self) -> int:
         self.boot()
+        tune_gc()
         grace_deadline = None
         while True:
             self.loop_pass()
@@ -239,8 +290,51 @@ class Router:
         msg["rid"] = rid
         msg["inc"] = link.inc
         link.outbox.append(msg)
+        link.group = None          # later txn items go after this message (ts order)
         link.pending.add(rid)
         self.pending[rid] = (link, callback, time.monotonic() + self.request_timeout)
+
+    def send_item(self, link: ShardLink, item: list, target: tuple) -> None:
+        """Append one txn step to the shard's open `txns` message (opening one when the
+        outbox does not end with it, so the shard still sees everything in send order)."""
+        group = link.group
+        if group is None:
+            group = link.group = TxnGroup()
+            rid = self.next_rid
+            self.next_rid += 1
+            link.outbox.append({"op": m.TXNS, "rid": rid, "inc": link.inc, "items": group.items})
+            link.pending.add(rid)
+            self.pending[rid] = (link, lambda reply, group=group: self.on_group(group, reply),
+                                 time.monotonic() + self.request_timeout)
+        group.items.append(item)
+        group.targets.append(target)
+
+    def on_group(self, group: TxnGroup, reply: dict) -> None:
+        """Hand each item's result of a `txns` reply to its txn (the whole message's
+        error to every item when it failed as a whole)."""
+        targets = group.targets
+        results = reply.get("results") if reply.get("ok") else None
+        if type(results) is not list or len(results) != len(targets):
+            failure = reply.get("error") if not reply.get("ok") else None
+            if not isinstance(failure, dict):
+                failure = {"code": "internal", "message": "malformed txns reply from shard",
+                           "retryable": False}
+            results = [failure] * len(targets)
+        for target, e in zip(targets, results):
+            try:
+                kind = target[0]
+                if kind == KIND_COMMIT:
+                    _, owner, index, ts = target
+                    if e is None:
+                        self.entry_done(owner, index, {"ok": True, "commit_ts": ts})
+                    else:
+                        self.entry_done(owner, index, {"ok": False, "error": self.txn_error_of(e)})
+                elif kind == KIND_PREPARE:
+                    self.on_prepared(target[1], e)
+                elif kind == KIND_COMMIT_PREPARED:
+                    self.on_commit_ack(target[1], target[2], e)
+            except Exception as exc:  # a bug in one txn's continuation must not stop the rest
+                sys.stderr.write(f"router: txn result error: {type(exc).__name__}: {exc}\n")
 
     def scatter(self, msgs: dict, done) -> None:
         """Send msgs {shard: msg}; done({shard: reply}) once every shard answered or failed."""
@@ -256,6 +350,13 @@ class Router:
 
     def flush_outboxes(self) -> None:
         for link in self.links:
+            # Forgets ride along with other traffic (at the latest with the next ping):
+            # a frame of its own would cost the shard a whole loop pass and sync.
+            if link.forgets and (link.outbox or len(link.forgets) >= MAX_FORGETS):
+                txns, link.forgets = link.forgets, []
+                if link.state in ("up", "resolving"):
+                    self.send(link, {"op": m.FORGET, "txns": txns}, lambda reply: None)
+            link.group = None
             if not link.outbox:
                 continue
             box, link.outbox = link.outbox, []
@@ -295,6 +396,7 @@ class Router:
         """The shard died, restarted or went silent: fail everything pending there."""
         link.state = "down"
         unsent, link.outbox = link.outbox, []
+        link.group = None
         for msg in unsent:        # never sent: not executed
             self.complete(msg["rid"], m.error(msg["rid"], m.STALE_INC, why, True))
         for rid in list(link.pending):
@@ -514,9 +616,9 @@ class Router:
         if error:
             return self.fail(ctx, error)
         n = self.nshards
-        groups = {}
-        for i, key in enumerate(keys):
-            groups.setdefault(zlib.crc32(key) % n, []).append(i)
+        crc = zlib.crc32
+        where = [crc(key) % n for key in keys]
+        groups = {s: [i for i, w in enumerate(where) if w == s] for s in set(where)}
         if not self.shards_up(groups):
             return self.fail(ctx, unavailable("a shard is down or restarting"))
         if not groups:
@@ -567,57 +669,111 @@ class Router:
 
     # -- txn and batch
 
-    def op_txn(self, ctx, req):
-        def done(result):
+    def count_txn(self, result: dict) -> None:
+        """One transaction's outcome, for the node row of `stats`."""
+        if result["ok"]:
+            self.txn_outcomes["committed"] += 1
+            self.committed_rate.add(1)
+        elif result["error"].get("code") == "conflict":
+            self.txn_outcomes["conflict"] += 1
+        else:
+            self.txn_outcomes["error"] += 1
+
+    def count_txns(self, results: list) -> None:
+        """count_txn for a whole batch at once (one rate-window update)."""
+        committed = conflict = 0
+        for result in results:
             if result["ok"]:
-                self.reply(ctx, commit_ts=result["commit_ts"])
-            else:
-                self.fail(ctx, result["error"])
-        self.start_txn(req, done)
+                committed += 1
+            elif result["error"].get("code") == "conflict":
+                conflict += 1
+        outcomes = self.txn_outcomes
+        outcomes["committed"] += committed
+        outcomes["conflict"] += conflict
+        outcomes["error"] += len(results) - committed - conflict
+        if committed:
+            self.committed_rate.add(committed)
 
-    def start_txn(self, t: dict, done):
-        """Start one txn; done({"ok": True, "commit_ts"} | {"ok": False, "error"}).
+    def op_txn(self, ctx, req):
+        self.start_txn(req, ctx, 0)
+
+    def entry_done(self, owner, index: int, result: dict) -> None:
+        """A txn finished: {"ok": True, "commit_ts"} | {"ok": False, "error"}. The owner is
+        the `txn` request itself or the BatchRun holding it as entry `index`."""
+        if owner.__class__ is BatchRun:
+            owner.results[index] = result
+            owner.finished += 1
+            if owner.finished == len(owner.txns):
+                self.count_txns(owner.results)
+                self.reply(owner.req, results=owner.results)
+            return
+        self.count_txn(result)
+        if result["ok"]:
+            self.reply(owner, commit_ts=result["commit_ts"])
+        else:
+            self.fail(owner, result["error"])
+
+    def start_txn(self, t: dict, owner, index: int):
+        """Start one txn; its result goes to entry_done(owner, index, result).
         Returns the TwoPC when the txn is cross-shard and undecided, else None."""
+        reads, writes = t["reads"], t["writes"]
         n = self.nshards
-        parts = {}
-        for key, ver in t["reads"]:
-            parts.setdefault(zlib.crc32(key) % n, ([], []))[0].append((key, ver))
-        for key, val in t["writes"]:
-            parts.setdefault(zlib.crc32(key) % n, ([], []))[1].append((key, val))
-        if not self.shards_up(parts):
-            done({"ok": False, "error": unavailable("a shard is down or restarting", outcome="aborted")})
-            return None
-        if not t["writes"]:
-            return self.validate_only(parts, done)
-        if len(parts) == 1:
-            (s, (reads, writes)), = parts.items()
+        if n == 1:
+            single = 0 if reads or writes else None
+        else:
+            crc = zlib.crc32
+            rshards = [crc(k) % n for k, _ in reads]
+            wshards = [crc(k) % n for k, _ in writes]
+            first = rshards[0] if rshards else (wshards[0] if wshards else None)
+            single = first if (rshards.count(first) == len(rshards)
+                               and wshards.count(first) == len(wshards)) else None
+        if single is not None:
+            link = self.links[single]
+            if link.state != "up":
+                self.entry_done(owner, index, {"ok": False, "error": unavailable(
+                    "a shard is down or restarting", outcome="aborted")})
+                return None
+            if not writes:
+                return self.validate_only({single: (reads, writes)}, owner, index)
             ts = self.oracle.next()
-
-            def on_commit(reply):
-                if reply.get("ok"):
-                    return done({"ok": True, "commit_ts": ts})
-                done({"ok": False, "error": self.txn_error(reply)})
-            self.send(self.links[s], {"op": m.COMMIT, "ts": ts, "reads": reads, "writes": writes},
-                      on_commit)
+            self.send_item(link, [m.ITEM_COMMIT, ts, reads, writes], (KIND_COMMIT, owner, index, ts))
             return None
+        if not reads and not writes:
+            return self.validate_only({}, owner, index)
+        parts = {}
+        for s, kv in zip(rshards, reads):
+            parts.setdefault(s, ([], []))[0].append(kv)
+        for s, kv in zip(wshards, writes):
+            parts.setdefault(s, ([], []))[1].append(kv)
+        if not self.shards_up(parts):
+            self.entry_done(owner, index, {"ok": False, "error": unavailable(
+                "a shard is down or restarting", outcome="aborted")})
+            return None
+        if not writes:
+            return self.validate_only(parts, owner, index)
         if self.barriers:
-            self.held.append(lambda: self.start_txn(t, done))
+            self.held.append(lambda: self.start_txn(t, owner, index))
             return None
-        return self.start_2pc(parts, done)
+        return self.start_2pc(parts, owner, index)
 
     @staticmethod
     def txn_error(reply: dict) -> dict:
-        e = reply.get("error") or {}
+        return Router.txn_error_of(reply.get("error") or {})
+
+    @staticmethod
+    def txn_error_of(e: dict) -> dict:
+        """A client error for a failed txn step, from the shard's error map."""
         code = e.get("code")
         if code == m.STALE_INC:
             return unavailable("shard restarted", outcome="aborted")
         if code == "unavailable" or code is None:
             return unavailable(e.get("message", "shard unavailable"),
                                outcome="unknown" if e.get("lost") else "aborted")
-        return Router.shard_error(reply)
+        return Router.shard_error({"error": e})
 
-    def validate_only(self, parts, done):
+    def validate_only(self, parts, owner, index):
         S = self.oracle.last
+        done = lambda result: self.entry_done(owner, index, result)  # noqa: E731
         if not parts:
             done({"ok": True, "commit_ts": S})
             return None
@@ -639,88 +795,110 @@ class Router:
         self.scatter({s: {"op": m.VALIDATE, "reads": reads} for s, (reads, _) in parts.items()}, on_replies)
         return None
 
-    def start_2pc(self, parts, done) -> TwoPC:
+    def start_2pc(self, parts, owner, index) -> TwoPC:
         ts = self.oracle.next()
         participants = sorted(parts)
-        txn = TwoPC(ts, participants, done)
+        txn = TwoPC(ts, participants, owner, index)
         self.txns[ts] = txn
         self.undecided += 1
         self.twopc["started"] += 1
-
-        def on_prepared(replies):
-            if txn.decision is not None:
-                return   # decided already (a participant restarted mid-prepare)
-            conflict_keys, failure = [], None
-            for reply in replies.values():
-                if reply.get("ok"):
-                    continue
-                e = reply.get("error") or {}
-                if e.get("code") == "conflict":
-                    conflict_keys.extend(e.get("keys", []))
-                elif failure is None:
-                    failure = self.shard_error(reply)
-                    if failure["code"] == "unavailable":
-                        failure["outcome"] = "aborted"
-            if conflict_keys:
-                self.decide(txn, False, err("conflict", "read versions changed or key locked", True,
-                                            keys=conflict_keys))
-            elif failure is not None:
-                self.decide(txn, False, failure)
-            else:
-                self.decide(txn, True)
-        self.scatter({s: {"op": m.PREPARE, "txn": ts, "ts": ts, "reads": reads, "writes": writes,
-                          "participants": participants}
-                      for s, (reads, writes) in parts.items()}, on_prepared)
+        target = (KIND_PREPARE, txn)
+        links = self.links
+        for s in participants:
+            reads, writes = parts[s]
+            self.send_item(links[s], [m.ITEM_PREPARE, ts, reads, writes, participants], target)
         return txn
+
+    def on_prepared(self, txn: TwoPC, e) -> None:
+        """One participant's prepare result (None = ok); decide once all are in."""
+        txn.waiting -= 1
+        if txn.decision is not None:
+            return   # decided already (a participant restarted mid-prepare)
+        if e is not None:
+            if e.get("code") == "conflict":
+                txn.conflict_keys.extend(e.get("keys", []))
+            elif txn.failure is None:
+                failure = self.shard_error({"error": e})
+                if failure["code"] == "unavailable":
+                    failure["outcome"] = "aborted"
+                txn.failure = failure
+        if txn.waiting > 0:
+            return
+        if txn.conflict_keys:
+            self.decide(txn, False, err("conflict", "read versions changed or key locked", True,
+                                        keys=txn.conflict_keys))
+        elif txn.failure is not None:
+            self.decide(txn, False, txn.failure)
+        else:
+            self.decide(txn, True)
 
     def decide(self, txn: TwoPC, commit: bool, error: dict = None) -> None:
         txn.decision = "commit" if commit else "abort"
         self.undecided -= 1
+        links = self.links
         if commit:
             self.twopc["committed"] += 1
             txn.unacked = set(txn.participants)
-            answers = {}
-
-            def on_all(replies):
-                if any(r.get("ok") for r in replies.values()):
-                    txn.done({"ok": True, "commit_ts": txn.ts})   # durable at >= 1 shard
-                else:
-                    txn.done({"ok": False, "error": unavailable("commit not acknowledged", outcome="unknown")})
-                for s, r in replies.items():
-                    if r.get("ok"):
-                        self.commit_acked(txn, s)
+            target = (KIND_COMMIT_PREPARED, txn)
             for s in txn.participants:
-                if self.links[s].state == "up":
-                    answers[s] = {"op": m.COMMIT_PREPARED, "txn": txn.ts, "ts": txn.ts}
-            if answers:
-                self.scatter(answers, on_all)
-            else:
-                txn.done({"ok": False, "error": unavailable("participants down", outcome="unknown")})
+                if links[s].state == "up":
+                    txn.acks_waiting += 1
+                    self.send_item(links[s], [m.ITEM_COMMIT_PREPARED, txn.ts, txn.ts], target + (s,))
+            if not txn.acks_waiting:
+                self.entry_done(txn.owner, txn.index, {"ok": False, "error": unavailable(
+                    "participants down", outcome="unknown")})
         else:
             self.twopc["aborted"] += 1
             for s in txn.participants:
-                if self.links[s].state == "up":
-                    self.send(self.links[s], {"op": m.ABORT_PREPARED, "txn": txn.ts}, lambda reply: None)
+                if links[s].state == "up":
+                    self.send_item(links[s], [m.ITEM_ABORT_PREPARED, txn.ts], (KIND_ABORT,))
             self.txns.pop(txn.ts, None)   # a leftover prepare is aborted by recovery (no outcome)
-            txn.done({"ok": False, "error": error})
+            self.entry_done(txn.owner, txn.index, {"ok": False, "error": error})
+        if txn.run is not None:
+            self.batch_decided(txn.run, txn)
         for hook in txn.on_decided:
             hook()
         self.check_barriers()
+
+    def on_commit_ack(self, txn: TwoPC, shard: int, e) -> None:
+        """One participant's commit_prepared result; answer once all are in (the commit
+        is durable as soon as one participant holds its outcome record)."""
+        txn.acks_waiting -= 1
+        if e is None:
+            txn.any_ack = True
+            self.commit_acked(txn, shard)
+        if txn.acks_waiting == 0:
+            if txn.any_ack:
+                self.entry_done(txn.owner, txn.index, {"ok": True, "commit_ts": txn.ts})
+            else:
+                self.entry_done(txn.owner, txn.index, {"ok": False, "error": unavailable(
+                    "commit not acknowledged", outcome="unknown")})
 
     def commit_acked(self, txn: TwoPC, shard: int) -> None:
         txn.unacked.discard(shard)
         if not txn.unacked and self.txns.pop(txn.ts, None) is not None:
             for s in txn.participants:
                 if self.links[s].state in ("up", "resolving"):
-                    self.send(self.links[s], {"op": m.FORGET, "txns": [txn.ts]}, lambda reply: None)
+                    self.links[s].forgets.append(txn.ts)
 
     def op_batch(self, ctx, req):
-        run = BatchRun(ctx, req["txns"])
-        if not run.txns:
+        txns = req["txns"]
+        if not txns:
             return self.reply(ctx, results=[])
-        self.pump_batch(run)
+        self.pump_batch(BatchRun(ctx, txns, shares_keys(txns)))
 
     def pump_batch(self, run: BatchRun) -> None:
+        txns = run.txns
+        if run.locked is None:
+            # No key is in two entries: no entry can wait on another, dispatch them all.
+            while run.next < len(txns):
+                if self.barriers and self.is_cross_shard(txns[run.next]):
+                    self.held.append(lambda: self.pump_batch(run))
+                    return
+                i = run.next
+                run.next += 1
+                self.start_txn(txns[i], run, i)
+            return
         locked = run.locked
         while run.next < len(run.txns):
             t = run.txns[run.next]
@@ -732,12 +910,13 @@ class Router:
                 return
             i = run.next
             run.next += 1
-            txn = self.start_txn(t, lambda result, i=i: self.batch_entry_done(run, i, result))
+            txn = self.start_txn(t, run, i)
             if txn is not None and txn.decision is None:
-                keys = {k for k, _ in t["reads"]} | {k for k, _ in t["writes"]}
+                keys = {k for k, _ in t["reads"]}
+                keys.update(k for k, _ in t["writes"])
                 run.undecided[txn] = keys
                 locked.update(keys)
-                txn.on_decided.append(lambda txn=txn: self.batch_decided(run, txn))
+                txn.run = run
 
     def batch_decided(self, run: BatchRun, txn: TwoPC) -> None:
         keys = run.undecided.pop(txn, ())
@@ -746,12 +925,6 @@ class Router:
             if run.locked[k] <= 0:
                 del run.locked[k]
         self.pump_batch(run)
-
-    def batch_entry_done(self, run: BatchRun, i: int, result: dict) -> None:
-        run.results[i] = result
-        run.finished += 1
-        if run.finished == len(run.txns):
-            self.reply(run.req, results=run.results)
 
     def is_cross_shard(self, t) -> bool:
         n = self.nshards
@@ -911,11 +1084,26 @@ class Router:
             node = {"supervisor_pid": os.getppid(), "router_pid": os.getpid(), "ts": self.oracle.last,
                     "block_height": self.block_height, "shards": self.nshards,
                     "inflight": self.inflight, "twopc": dict(self.twopc),
-                    "requests": {f"{op}:{res}": n for (op, res), n in self.results.items()}}
+                    "requests": {f"{op}:{res}": n for (op, res), n in self.results.items()},
+                    **self.node_txn_figures()}
             self.reply(ctx, node=node, shards=shards)
         if not up:
             return done({})
         self.scatter({s: {"op": m.STATS} for s in up}, done)
+
+    def node_txn_figures(self) -> dict:
+        """TPS, success rate and end-to-end latency of the whole node, as a client sees it:
+        latency is the router's `txn` request histogram (one transaction per request)."""
+        done = sum(self.txn_outcomes.values())
+        figures = {"tps": self.committed_rate.rate(),
+                   "txn_committed": self.txn_outcomes["committed"],
+                   "txn_conflict": self.txn_outcomes["conflict"],
+                   "txn_error": self.txn_outcomes["error"],
+                   "success_rate": self.txn_outcomes["committed"] / done if done else None}
+        hist = self.req_hist.get("txn")
+        if hist is not None:
+            figures.update(summary_ms(hist.snapshot()))
+        return figures
 
     def snapshot(self) -> dict:
         return {"role": "router", "pid": os.getpid(), "ts": time.time(), "commit_ts": self.oracle.last,

@@ -7,6 +7,17 @@ shard (one frame per shard per router loop pass); the shard answers with one
 {"replies": [...]} frame per pass. Replies are matched by `rid`, never by position:
 a read that waits on a prepared key (deferred) is answered in a later frame.
 
+The hot path (client txns and batches) uses one `txns` message per shard per loop pass
+instead of one message per transaction: {"op": "txns", "rid", "inc", "items": [item, ...]}
+with compact items, executed in order, answered by {"rid", "ok": True, "results": [...]}
+holding one entry per item, in item order: None when it succeeded, else an error map
+{"code", "message", "retryable", ...} (the `error` of the single-message form).
+
+    [ITEM_COMMIT, ts, reads, writes]                      one-shot single-shard commit
+    [ITEM_PREPARE, ts, reads, writes, participants]       2PC prepare, txn id = ts
+    [ITEM_COMMIT_PREPARED, txn, ts]
+    [ITEM_ABORT_PREPARED, txn]
+
 Every op except `ping` must carry the shard's current incarnation `inc` (learned from
 ping replies); a shard rejects other incarnations with `STALE_INC` and does nothing.
 """
@@ -28,10 +39,16 @@ PRUNE = "prune"                  # keep_versions                    -> versions_
 CHECKPOINT = "checkpoint"        # dir, ts                          -> bytes
 STATS = "stats"                  #                                  -> the stats snapshot
 MULTI = "multi"                  # msgs                             -> replies (one frame)
+TXNS = "txns"                    # items                            -> results (see above)
+
+ITEM_COMMIT = 0
+ITEM_PREPARE = 1
+ITEM_COMMIT_PREPARED = 2
+ITEM_ABORT_PREPARED = 3
 
 OPS = frozenset({PING, READ, SCAN, VALIDATE, COMMIT, PREPARE, COMMIT_PREPARED,
                  ABORT_PREPARED, RECOVER_INFO, FORGET, BLOCK, FLUSH, PRUNE,
-                 CHECKPOINT, STATS, MULTI})
+                 CHECKPOINT, STATS, MULTI, TXNS})
 
 # Error code used only between router and shard: the message was addressed to another
 # incarnation of the shard (it restarted), so it was not executed.

@@ -16,12 +16,14 @@ status PUSH to the supervisor, signal wakeup pipe).
 import argparse
 import collections
 import ctypes
+import gc
 import json
 import os
 import secrets
 import signal
 import sys
 import time
+from bisect import bisect_left
 
 import zmq
 
@@ -92,6 +94,52 @@ class SignalPipe:
         got = list(self.received)
         self.received.clear()
         return got
+
+
+class ProcessProfile:
+    """Opt-in cProfile of a whole child process: with SHARDKV_PROFILE_DIR set, the stats
+    are dumped to <dir>/<name>-<pid>.prof on graceful exit (open with `python -m pstats`).
+    SHARDKV_PROFILE_CLOCK=cpu times functions in process CPU time instead of wall time,
+    which keeps a profile meaningful on a loaded machine (waits drop out)."""
+
+    ENV = "SHARDKV_PROFILE_DIR"
+    CLOCK_ENV = "SHARDKV_PROFILE_CLOCK"
+
+    def __init__(self, name: str):
+        self.name = name
+        self.dir = os.environ.get(self.ENV) or None
+        self.profiler = None
+
+    def __enter__(self):
+        if self.dir:
+            import cProfile
+            cpu = os.environ.get(self.CLOCK_ENV) == "cpu"
+            self.profiler = cProfile.Profile(time.process_time) if cpu else cProfile.Profile()
+            self.profiler.enable()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.profiler is None:
+            return
+        self.profiler.disable()
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            self.profiler.dump_stats(os.path.join(self.dir, f"{self.name}-{os.getpid()}.prof"))
+        except OSError as exc:
+            sys.stderr.write(f"{self.name}: cannot write profile: {exc}\n")
+
+
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """After boot: keep the objects made so far out of every collection (gc.freeze) and
+    collect generation 0 every 50,000 allocations instead of 700. The hot paths allocate
+    many short-lived lists/tuples/dicts that die by refcount; default thresholds spent
+    ~6% of the router's CPU in collections that found nothing (perf profile)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 10, 10)
 
 
 def parse_spec(argv=None) -> dict:
@@ -174,10 +222,12 @@ class ShardWorker:
         self.status.send("ready")
 
     def run(self) -> int:
-        self.boot()
-        while not self.stopping:
-            self.loop_pass()
-        self.shutdown()
+        with ProcessProfile(f"shard{self.shard}"):
+            self.boot()
+            tune_gc()
+            while not self.stopping:
+                self.loop_pass()
+            self.shutdown()
         return 0
 
     def shutdown(self) -> None:
@@ -211,13 +261,27 @@ class ShardWorker:
         self.maintenance_step()
         self.engine.sync()                      # group commit: one durable write per pass
         now = time.monotonic()
-        for received in self.durable_waits:
-            self.latency.observe(now - received)
-        self.durable_waits.clear()
+        if self.durable_waits:
+            self.observe_durable(now)
         if self.deferred:
             self.retry_deferred(now)
         self.send_replies()
         self.run_timers(now)
+
+    def observe_durable(self, now: float) -> None:
+        """Commit latency (receive -> durable) of this pass: durable_waits holds receive
+        times, or (receive time, count) for the txns of one `txns` message."""
+        hist = self.latency
+        for entry in self.durable_waits:
+            if type(entry) is tuple:
+                received, count = entry
+                seconds = now - received
+                hist.counts[bisect_left(hist.bounds, seconds)] += count
+                hist.sum += seconds * count
+                hist.count += count
+            else:
+                hist.observe(now - entry)
+        self.durable_waits.clear()
 
     def handle_signal(self, sig) -> None:
         self.stopping = True
@@ -339,6 +403,54 @@ class ShardWorker:
         self.twopc["aborted"] += 1
         self.unblocked = True
         return m.ok(msg["rid"])
+
+    def handle_txns(self, peer, msg, received):
+        """The hot path: many txn steps in one message (messages.py `txns`), run in order
+        with one result each; one failing item never stops the others."""
+        engine = self.engine
+        counts, twopc = self.counts, self.twopc
+        results = []
+        append = results.append
+        durable = 0
+        for item in msg["items"]:
+            try:
+                kind = item[0]
+                if kind == m.ITEM_COMMIT:
+                    engine.commit(item[1], item[2], item[3])
+                    counts["committed"] += 1
+                    durable += 1
+                elif kind == m.ITEM_PREPARE:
+                    engine.prepare(item[1], item[1], item[2], item[3], item[4])
+                    twopc["prepared"] += 1
+                    durable += 1
+                elif kind == m.ITEM_COMMIT_PREPARED:
+                    engine.commit_prepared(item[1], item[2])
+                    counts["committed"] += 1
+                    twopc["committed"] += 1
+                    self.unblocked = True
+                elif kind == m.ITEM_ABORT_PREPARED:
+                    engine.abort_prepared(item[1])
+                    twopc["aborted"] += 1
+                    self.unblocked = True
+                else:
+                    raise BadRequest(f"unknown txns item kind {kind!r}")
+                append(None)
+            except Conflict as exc:
+                counts["conflict"] += 1
+                append({"code": "conflict", "message": "read versions changed or key locked",
+                        "retryable": True, "keys": list(exc.keys)})
+            except BadRequest as exc:
+                append({"code": "bad_request", "message": str(exc), "retryable": False})
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                append({"code": "bad_request", "message": f"malformed txns item: {exc!r}",
+                        "retryable": False})
+            except Exception as exc:  # a bug: answer it, never crash the shard
+                counts["error"] += 1
+                append({"code": "internal", "message": f"{type(exc).__name__}: {exc}",
+                        "retryable": False})
+        if durable:
+            self.durable_waits.append((received, durable))
+        return m.ok(msg["rid"], results=results)
 
     def handle_recover_info(self, peer, msg, received):
         prepared = [dict(p) for p in self.engine.prepared()]

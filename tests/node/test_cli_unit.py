@@ -69,3 +69,17 @@ def test_node_latency_without_histograms_is_an_upper_bound():
               {"shard": 1, "latency_p50_ms": 4.0, "latency_p90_ms": 5.0, "latency_p99_ms": 6.0}]
     node_row = cli.format_stats({"node": {}, "shards": shards}).splitlines()[3].split()
     assert node_row[0] == "node" and node_row[5:8] == ["<=4.00", "<=5.00", "<=6.00"]
+
+
+def test_node_row_uses_the_routers_end_to_end_figures():
+    shards = [{"shard": 0, "up": True, "tps": 40.0, "latency_p99_ms": 9.0,
+               "txn_committed": 10, "txn_conflict": 0},
+              {"shard": 1, "up": True, "tps": 40.0, "latency_p99_ms": 9.0,
+               "txn_committed": 10, "txn_conflict": 0}]
+    node = {"router_pid": 7, "tps": 25.0, "txn_committed": 3, "txn_conflict": 1, "txn_error": 0,
+            "latency_p50_ms": 0.4, "latency_p90_ms": 0.6, "latency_p99_ms": 1.5}
+    lines = cli.format_stats({"node": node, "shards": shards}).splitlines()
+    node_row = next(line.split() for line in lines if line.split()[:1] == ["node"])
+    assert node_row[3] == "25.0", "node TPS counts each transaction once, not once per shard"
+    assert node_row[4] == "75.0%"
+    assert node_row[5:8] == ["0.40", "0.60", "1.50"]

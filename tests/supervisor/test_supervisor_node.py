@@ -255,17 +255,18 @@ def test_sigterm_finishes_in_flight_requests_before_exiting(node):
         for i in range(200):                              # pipelined: all in flight at once
             sock.send(msgpack.packb({"op": "txn", "id": i,
                                      "writes": [[b"inflight-%d" % i, b"v%d" % i]]}))
-        first = msgpack.unpackb(sock.recv(), raw=False)   # the router is working on them
+        assert sock.poll(10000), "no reply at all"
+        replies = [msgpack.unpackb(sock.recv(), raw=False)]   # the router is working on them
         proc.signal(signal.SIGTERM)
-        replies = [first]
-        while len(replies) < 200 and sock.poll(5000):
+        while len(replies) < 200 and sock.poll(10000):
             replies.append(msgpack.unpackb(sock.recv(), raw=False))
     finally:
         sock.close()
-    assert proc.wait_exit() == 0
+    assert proc.wait_exit(timeout=60) == 0, proc.log()[-3000:]
     acked = [r["id"] for r in replies if r["ok"]]
     print(f"{len(replies)} replies to 200 in-flight txns, {len(acked)} ok")
-    assert len(replies) == 200, "an in-flight request got no reply"
+    assert len(replies) == 200, f"{200 - len(replies)} in-flight requests got no reply; " \
+        f"errors: {[r for r in replies if not r['ok']][:3]}\n{proc.log()[-3000:]}"
     node.start()
     got = node.call("get", keys=[b"inflight-%d" % i for i in acked])["values"]
     assert got == [b"v%d" % i for i in acked]

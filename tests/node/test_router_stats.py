@@ -1,0 +1,24 @@
+"""The node row of `stats`: each transaction counted once, latency end to end."""
+import zlib
+
+
+def keys_on(shard: int, count: int, prefix: bytes) -> list[bytes]:
+    found = (prefix + b"%d" % i for i in range(10_000))
+    return [k for k in found if zlib.crc32(k) % 2 == shard][:count]
+
+
+def test_node_figures_count_cross_shard_transactions_once(cluster):
+    client = cluster.client()
+    (a,), (b,) = keys_on(0, 1, b"a"), keys_on(1, 1, b"b")
+    for i in range(5):                      # cross-shard: touches both shards
+        client.ok("txn", writes=[[a, b"%d" % i], [b, b"%d" % i]])
+    stale = client.call("txn", reads=[[a, 1]], writes=[[a, b"x"]])
+    assert stale["error"]["code"] == "conflict"
+    results = client.ok("batch", txns=[{"writes": [[a, b"y"]]}, {"reads": [[b, 1]], "writes": [[b, b"z"]]}])
+    assert [r["ok"] for r in results["results"]] == [True, False]
+
+    node = client.ok("stats")["node"]
+    assert (node["txn_committed"], node["txn_conflict"], node["txn_error"]) == (6, 2, 0)
+    assert abs(node["success_rate"] - 6 / 8) < 1e-9
+    assert node["tps"] > 0
+    assert 0 < node["latency_p50_ms"] <= node["latency_p90_ms"] <= node["latency_p99_ms"]
