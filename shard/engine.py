@@ -222,23 +222,39 @@ class ShardEngine:
 
     def read(self, keys, at: int) -> list:
         """[(value | None, version), ...] as of snapshot `at`."""
-        self._check_snapshot(at)
+        if type(at) is not int or at < self.horizon:     # one test on the hot path
+            self._check_snapshot(at)
         if self.locks:
-            blocked = []
-            for key in keys:
-                lock = self.locks.get(key)
-                if lock is not None and lock[2] and lock[1] <= at:
-                    blocked.append(lock[0])
-            if blocked:
-                raise Blocked(blocked)
+            self._check_not_blocked(keys, at)
         out = []
+        append = out.append
+        active_get = self.active.get
         version_at = self._version_at
+        # Hot path (profiled: ~40% of a transfer's engine time was call overhead here): a
+        # key whose newest resident version is at or below `at` answers from its chain's
+        # last entry with no call; anything else goes through _version_at.
         for key in keys:
             if type(key) is not bytes or not key:
                 raise BadRequest("read keys must be non-empty bytes")
-            ts, value = version_at(key, at)
-            out.append((None, 0) if value is None else (value, ts))
+            chain = active_get(key)
+            if chain:
+                ts, value = chain[-1]
+                if ts > at:
+                    ts, value = version_at(key, at)
+            else:
+                ts, value = version_at(key, at)
+            append((None, 0) if value is None else (value, ts))
         return out
+
+    def _check_not_blocked(self, keys, at: int) -> None:
+        """Raise Blocked if a key is written by a prepared txn whose prepare ts <= at."""
+        blocked = []
+        for key in keys:
+            lock = self.locks.get(key)
+            if lock is not None and lock[2] and lock[1] <= at:
+                blocked.append(lock[0])
+        if blocked:
+            raise Blocked(blocked)
 
     def _sorted_resident_keys(self) -> list:
         if self._mem_sorted is None:
@@ -361,12 +377,13 @@ class ShardEngine:
     def commit(self, ts: int, reads, writes) -> None:
         """One-shot commit of a single-shard txn: validate reads, apply writes at ts.
         Raises Conflict (nothing written). With no writes it only validates."""
-        _check_reads(reads)
         if not writes:
+            _check_reads(reads)
             return self.validate(reads)
-        _check_writes(writes)
-        self._check_new_ts(ts)
-        bad = self._conflicts(reads, writes, None)
+        if self.locks:
+            bad = self._checked_conflicts(ts, reads, writes)
+        else:
+            bad = self._unlocked_conflicts(ts, reads, writes)
         if bad:
             self.counters["conflict"] += 1
             raise Conflict(bad)
@@ -374,6 +391,46 @@ class ShardEngine:
         self.log.records.append((ts, writes))
         self.max_ts = ts
         self.counters["committed"] += 1
+
+    def _checked_conflicts(self, ts, reads, writes) -> list:
+        """Input checks, then conflicts including prepared locks (the general path)."""
+        _check_reads(reads)
+        _check_writes(writes)
+        self._check_new_ts(ts)
+        return self._conflicts(reads, writes, None)
+
+    def _unlocked_conflicts(self, ts, reads, writes) -> list | None:
+        """The commit hot path when no txn is prepared (nothing is locked): each read is
+        type-checked and compared with the key's current version in ONE pass with no call
+        per key (the profile showed check, lookup and compare as separate passes costing
+        about as much as the commit itself). Raises BadRequest in the same order as
+        _checked_conflicts: reads, then writes, then ts. Returns the conflicting keys."""
+        active_get = self.active.get
+        max_ts = self.max_ts
+        bad = None
+        try:
+            for key, version in reads:
+                if type(key) is not bytes or not key or type(version) is not int or version < 0:
+                    _check_reads(reads)                 # raises the precise BadRequest
+                chain = active_get(key)
+                if chain:
+                    current, value = chain[-1]
+                else:
+                    current, value = self._version_at(key, max_ts)
+                if (0 if value is None else current) != version:
+                    if bad is None:
+                        bad = []
+                    bad.append(key)
+            for key, value in writes:
+                if type(key) is not bytes or not key or (value is not None and type(value) is not bytes):
+                    _check_writes(writes)
+        except (TypeError, ValueError):                 # an item that is not a pair
+            _check_reads(reads)
+            _check_writes(writes)
+            raise
+        if type(ts) is not int or ts <= max_ts:
+            self._check_new_ts(ts)
+        return bad
 
     # ------------------------------------------------------------------ 2PC
     def _lock_prepared(self, txn_id, ts, read_keys, writes, participants) -> None:
