@@ -216,9 +216,8 @@ class Router:
             self.client.setsockopt(zmq.RCVHWM, 100_000)
             self.client.bind(self.listen)
         except Exception as exc:
-            self.status.send("fatal", error=f"router: {type(exc).__name__}: {exc}")
-            self.status.close()
             sys.stderr.write(f"router: cannot boot: {exc}\n")
+            self.status.fatal(f"router: {type(exc).__name__}: {exc}")
             sys.exit(EXIT_FATAL)
         for i in range(self.nshards):
             sock = self.ctx.socket(zmq.DEALER)

@@ -72,6 +72,14 @@ class SupervisorLink:
     def close(self) -> None:
         self.sock.close()
 
+    def fatal(self, error: str) -> None:
+        """Report a boot failure and make sure it leaves before the process exits: a plain
+        close() at exit can drop the queued message, because the context is never
+        terminated and so LINGER never applies. destroy() closes every socket of the
+        context and waits (at most the linger) for the message to be delivered."""
+        self.send("fatal", error=error)
+        self.sock.context.destroy(linger=2000)
+
 
 class SignalPipe:
     """Signal handlers only record the signal; the pipe wakes the poller (STYLE.md)."""
@@ -209,9 +217,8 @@ class ShardWorker:
             self.sock.setsockopt(zmq.RCVHWM, 0)
             self.sock.bind(self.endpoint)
         except Exception as exc:  # every boot failure here is non-transient: halt, report
-            self.status.send("fatal", error=f"shard {self.shard}: {type(exc).__name__}: {exc}")
-            self.status.close()
             sys.stderr.write(f"shard {self.shard}: cannot boot: {exc}\n")
+            self.status.fatal(f"shard {self.shard}: {type(exc).__name__}: {exc}")
             sys.exit(EXIT_FATAL)
         self.signals = SignalPipe()
         self.poller = zmq.Poller()

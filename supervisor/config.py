@@ -8,13 +8,14 @@ unknown sections and keys are errors too, so a typo is never silently ignored.
 from __future__ import annotations
 
 import copy
-import ipaddress
 import os
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from node.security import is_loopback
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = REPO_ROOT / "configs" / "node.toml"
@@ -253,26 +254,10 @@ def check_endpoint(endpoint: str, where: str) -> None:
         raise ConfigError(f"{where}: port must be between 1 and 65535, got {port}")
 
 
-def is_loopback_endpoint(endpoint: str) -> bool:
-    """True for ipc:// and for tcp:// on 127.0.0.0/8, ::1 or localhost."""
-    if endpoint.startswith("ipc://"):
-        return True
-    match = TCP_ENDPOINT.match(endpoint)
-    if not match:
-        return False
-    host = match["host"].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:   # "*", an interface name or a host name: not provably loopback
-        return False
-
-
 def check_security(config: dict) -> None:
     """A non-loopback listen address needs CURVE keys (server secret + allowed clients)."""
     listen = config["node"]["listen"]
-    if is_loopback_endpoint(listen):
+    if is_loopback(listen):
         return
     sec = config["security"]
     secret, clients = sec["curve_server_secret_file"], sec["curve_allowed_clients_dir"]

@@ -9,12 +9,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "benchmarks"))
 
-from node_suite import node_available  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-@pytest.mark.skipif(not node_available(), reason="router/worker/engine not on main yet")
 def test_node_quick_compares_with_redis_and_writes_the_report(tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, "scripts/benchmarks/main.py", "node", "--quick", "--shards", "1,2",

@@ -197,8 +197,6 @@ def make_cluster():
     made = []
 
     def make(shards=2, **overrides) -> Cluster:
-        for module in ("shard.engine", "shard.errors", "shard.config"):
-            pytest.importorskip(module, reason="the shard engine has not landed yet")
         config = copy.deepcopy(base_config())
         for section, values in overrides.items():
             config[section].update(values)

@@ -14,7 +14,7 @@ from node.security import is_loopback, secure_client_socket
     ("tcp://127.0.0.1:7450", True), ("tcp://127.3.4.5:1", True), ("tcp://localhost:1", True),
     ("tcp://[::1]:7450", True), ("ipc:///tmp/x.sock", True),
     ("tcp://0.0.0.0:7450", False), ("tcp://*:7450", False), ("tcp://10.1.2.3:7450", False),
-    ("tcp://[::]:7450", False), ("tcp://example.org:7450", False),
+    ("tcp://[::]:7450", False), ("tcp://example.org:7450", False), ("tcp://eth0:7450", False),
 ])
 def test_loopback_detection(endpoint, loopback):
     assert is_loopback(endpoint) is loopback

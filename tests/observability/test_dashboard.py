@@ -8,7 +8,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from observability.snapshots import full_state
+from tests.observability.snapshots import full_state
 from supervisor.metrics import make_registry
 
 GRAFANA = Path(__file__).resolve().parents[2] / "configs" / "grafana"

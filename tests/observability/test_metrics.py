@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from observability.snapshots import BOUNDS, full_state, router_snapshot, sample, scrape, shard_snapshot
+from tests.observability.snapshots import BOUNDS, full_state, router_snapshot, sample, scrape, shard_snapshot
 from supervisor.http import start_metrics_server
 from supervisor.metrics import MetricsState, make_registry
 

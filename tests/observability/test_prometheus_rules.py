@@ -1,4 +1,5 @@
 """The Prometheus config and alert rules are valid and their promtool unit tests pass."""
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -8,7 +9,9 @@ import pytest
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "prometheus"
 PROMTOOL = shutil.which("promtool")
 
-pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing (scripts/test installs it)")
+pytestmark = pytest.mark.skipif(
+    PROMTOOL is None and os.environ.get("CI") != "true",   # on CI a missing promtool must fail
+    reason="promtool missing (scripts/test installs it)")
 
 
 def promtool(*args):

@@ -5,7 +5,7 @@ import tomllib
 import pytest
 
 from supervisor.config import (DEFAULT_CONFIG_PATH, SCHEMA, ConfigError, defaults,
-                               is_loopback_endpoint, load_config)
+                               load_config)
 from supervisor_harness import ROOT
 
 
@@ -65,16 +65,6 @@ def test_bad_values_are_refused_naming_the_key(tmp_path, text, message):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
-
-
-@pytest.mark.parametrize("endpoint, loopback", [
-    ("tcp://127.0.0.1:7450", True), ("tcp://127.1.2.3:1", True), ("tcp://localhost:7450", True),
-    ("tcp://[::1]:7450", True), ("ipc:///tmp/x", True), ("tcp://0.0.0.0:7450", False),
-    ("tcp://*:7450", False), ("tcp://10.0.0.5:7450", False), ("tcp://eth0:7450", False),
-    ("tcp://[::]:7450", False),
-])
-def test_loopback_detection(endpoint, loopback):
-    assert is_loopback_endpoint(endpoint) is loopback
 
 
 def test_non_loopback_listen_needs_curve_keys(tmp_path):
