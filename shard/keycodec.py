@@ -45,6 +45,9 @@ def version_key(key: bytes, ts: int) -> bytes:
     return key.replace(b"\x00", b"\x00\xff") + TERMINATOR + _pack_ts(MAX_TS - ts)
 
 
+version_suffix_packer = _pack_ts    # version_suffix(ts) == version_suffix_packer(MAX_TS - ts)
+
+
 def version_suffix(ts: int) -> bytes:
     return _pack_ts(MAX_TS - ts)
 

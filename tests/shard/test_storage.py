@@ -60,3 +60,10 @@ def test_open_missing_without_create_fails(tmp_path):
 def test_bad_compression_is_refused(tmp_path):
     with pytest.raises(ValueError, match="compression"):
         open_db(str(tmp_path / "db"), {"compression": "gzip"})
+
+
+def test_write_pairs_puts_into_the_named_column_family_only(storage):
+    storage.write_pairs("data", [b"a", b"b\x00"], [b"1", b"\x00"], wal=False)
+    storage.write_pairs("meta", [b"a"], [b"m"], wal=True)
+    assert [(k, v) for k, v in storage.iterate("data")] == [(b"a", b"1"), (b"b\x00", b"\x00")]
+    assert storage.get("meta", b"a") == b"m" and storage.get("log", b"a") is None
