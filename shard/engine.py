@@ -24,6 +24,7 @@ from .mvcc import ABSENT, RowCache, newest_at
 from .storage import open_db
 
 _packb = msgpack.packb
+_NO_LOCK = (None,)
 
 
 def _check_writes(writes) -> None:
@@ -435,34 +436,75 @@ class ShardEngine:
     # ------------------------------------------------------------------ 2PC
     def _lock_prepared(self, txn_id, ts, read_keys, writes, participants) -> None:
         locks = self.locks
+        read_lock = (txn_id, ts, False)     # one tuple shared by every key of the txn
+        write_lock = (txn_id, ts, True)
         for key in read_keys:
-            locks[key] = (txn_id, ts, False)
+            locks[key] = read_lock
         for key, _ in writes:
-            locks[key] = (txn_id, ts, True)
+            locks[key] = write_lock
         self.prepared_txns[txn_id] = {"ts": ts, "reads": read_keys, "writes": writes,
                                       "participants": participants}
 
     def prepare(self, txn_id: int, ts: int, reads, writes, participants) -> None:
         """Validate and lock the txn's keys; stage a durable prepared record. Idempotent
-        for a txn already prepared here. Raises Conflict."""
+        for a txn already prepared here. Raises Conflict.
+
+        Hot path of every cross-shard txn: input checks, lock checks and the read-version
+        check run in ONE pass over reads and one over writes, with no call per key (same
+        errors, same order of conflicting keys as _conflicts)."""
         if txn_id in self.prepared_txns:
             return
         if type(txn_id) is not int:
             raise BadRequest("txn id must be an int")
         if txn_id in self.outcomes:
             raise BadRequest(f"txn {txn_id} is already committed here")
-        _check_reads(reads)
-        _check_writes(writes)
-        self._check_new_ts(ts)
-        bad = self._conflicts(reads, writes, txn_id)
-        if bad:
+        locks_get = self.locks.get
+        active_get = self.active.get
+        max_ts = self.max_ts
+        read_keys = []
+        own_writes = []
+        read_locked = write_locked = stale = None
+        try:
+            for key, version in reads:
+                if type(key) is not bytes or not key or type(version) is not int or version < 0:
+                    _check_reads(reads)                 # raises the precise BadRequest
+                read_keys.append(key)
+                lock = locks_get(key)
+                if lock is not None and lock[2] and lock[0] != txn_id:
+                    if read_locked is None:
+                        read_locked = []
+                    read_locked.append(key)
+                chain = active_get(key)
+                if chain:
+                    current, value = chain[-1]
+                else:
+                    current, value = self._version_at(key, max_ts)
+                if (0 if value is None else current) != version:
+                    if stale is None:
+                        stale = []
+                    stale.append(key)
+            for key, value in writes:
+                if type(key) is not bytes or not key or (value is not None and type(value) is not bytes):
+                    _check_writes(writes)
+                own_writes.append((key, value))
+                lock = locks_get(key)
+                if lock is not None and lock[0] != txn_id:
+                    if write_locked is None:
+                        write_locked = []
+                    write_locked.append(key)
+        except (TypeError, ValueError):                 # an item that is not a pair
+            _check_reads(reads)
+            _check_writes(writes)
+            raise
+        if type(ts) is not int or ts <= max_ts:
+            self._check_new_ts(ts)
+        if read_locked or write_locked or stale:
             self.counters["conflict"] += 1
-            raise Conflict(bad)
-        read_keys = [key for key, _ in reads]
-        writes = [(key, value) for key, value in writes]
+            raise Conflict((read_locked or []) + (write_locked or []) + (stale or []))
         participants = list(participants)
-        self._lock_prepared(txn_id, ts, read_keys, writes, participants)
-        self.log.stage_meta(cl.prepared_key(txn_id), _packb((ts, read_keys, writes, participants)))
+        self._lock_prepared(txn_id, ts, read_keys, own_writes, participants)
+        self.log.meta.append((cl.PREPARED_FMT % txn_id,
+                              _packb((ts, read_keys, own_writes, participants))))
         self.max_ts = ts
         self.counters["prepared"] += 1
 
@@ -471,16 +513,18 @@ class ShardEngine:
         if txn is not None:
             locks = self.locks
             for key in txn["reads"]:
-                if locks.get(key, (None,))[0] == txn_id:
+                if locks.get(key, _NO_LOCK)[0] == txn_id:
                     del locks[key]
             for key, _ in txn["writes"]:
-                if locks.get(key, (None,))[0] == txn_id:
+                if locks.get(key, _NO_LOCK)[0] == txn_id:
                     del locks[key]
         return txn
 
     def commit_prepared(self, txn_id: int, commit_ts: int) -> None:
-        """Apply a prepared txn at commit_ts and keep its outcome until forget. Idempotent."""
-        if txn_id in self.outcomes:
+        """Apply a prepared txn at commit_ts and keep its outcome until forget. Idempotent.
+        The writes were validated and locked by prepare, so they are applied as they are."""
+        outcomes = self.outcomes
+        if txn_id in outcomes:
             return
         txn = self.prepared_txns.get(txn_id)
         if txn is None:
@@ -489,12 +533,14 @@ class ShardEngine:
             raise BadRequest(f"commit ts {commit_ts!r} is below the prepare ts {txn['ts']}")
         self._unlock(txn_id)
         writes = txn["writes"]
+        log = self.log
         if writes:
             self._apply(commit_ts, writes)
-            self.log.records.append((commit_ts, writes))
-        self.log.stage_meta(cl.prepared_key(txn_id), None)
-        self.log.stage_meta(cl.outcome_key(txn_id), cl.pack_int(commit_ts))
-        self.outcomes[txn_id] = commit_ts
+            log.records.append((commit_ts, writes))
+        meta = log.meta
+        meta.append((cl.PREPARED_FMT % txn_id, None))
+        meta.append((cl.OUTCOME_FMT % txn_id, _packb(commit_ts)))
+        outcomes[txn_id] = commit_ts
         if commit_ts > self.max_ts:
             self.max_ts = commit_ts
         self.counters["commit_prepared"] += 1
@@ -517,9 +563,12 @@ class ShardEngine:
         return sorted(self.outcomes)
 
     def forget(self, txn_ids) -> None:
+        pop = self.outcomes.pop
+        meta = self.log.meta
+        fmt = cl.OUTCOME_FMT
         for txn_id in txn_ids:
-            if self.outcomes.pop(txn_id, None) is not None:
-                self.log.stage_meta(cl.outcome_key(txn_id), None)
+            if pop(txn_id, None) is not None:
+                meta.append((fmt % txn_id, None))
 
     def set_block(self, height: int) -> None:
         """Record a block height (durable with the next sync); heights must increase."""

@@ -70,3 +70,23 @@ def test_prepare_conflicts_write_nothing(open_engine):
     assert e.read([b"a", b"b"], 5) == [(b"1", 1), (None, 0)]
     with pytest.raises(BadRequest):
         e.commit_prepared(1, 2)
+
+
+def test_prepare_reports_every_conflict_and_rejects_bad_input_without_locking(open_engine):
+    e = open_engine()
+    e.commit(1, [], [(b"a", b"1"), (b"b", b"1"), (b"c", b"1")])
+    e.prepare(1, 2, [], [(b"a", b"2"), (b"b", b"2")], [0])
+    # read of a write-locked key, write of a locked key, stale read version: all listed
+    with pytest.raises(Conflict) as info:
+        e.prepare(2, 3, [(b"a", 1), (b"c", 7)], [(b"b", b"x")], [0])
+    assert info.value.keys == [b"a", b"b", b"c"]
+    for reads, writes, ts in (([(b"c", -1)], [], 4), ([(b"c", 1)], [(b"", b"x")], 4),
+                              ([(b"c", 1, 2)], [], 4), ([(b"c", 1)], [(b"d", 5)], 4),
+                              ([(b"c", 1)], [(b"d", b"x")], 2)):
+        with pytest.raises(BadRequest):
+            e.prepare(3, ts, reads, writes, [0])
+    assert [p["txn"] for p in e.prepared()] == [1]
+    e.commit(5, [(b"c", 1)], [(b"c", b"5"), (b"d", b"5")])   # c and d were never locked
+    e.prepare(3, 6, [(b"c", 5)], [(b"d", b"6")], [0])
+    e.commit_prepared(3, 6)
+    assert e.read([b"c", b"d"], 6) == [(b"5", 5), (b"6", 6)]
