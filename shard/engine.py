@@ -504,7 +504,7 @@ class ShardEngine:
         participants = list(participants)
         self._lock_prepared(txn_id, ts, read_keys, own_writes, participants)
         self.log.meta.append((cl.PREPARED_FMT % txn_id,
-                              _packb((ts, read_keys, own_writes, participants))))
+                              self.log.pack((ts, read_keys, own_writes, participants))))
         self.max_ts = ts
         self.counters["prepared"] += 1
 
@@ -539,7 +539,7 @@ class ShardEngine:
             log.records.append((commit_ts, writes))
         meta = log.meta
         meta.append((cl.PREPARED_FMT % txn_id, None))
-        meta.append((cl.OUTCOME_FMT % txn_id, _packb(commit_ts)))
+        meta.append((cl.OUTCOME_FMT % txn_id, log.pack(commit_ts)))
         outcomes[txn_id] = commit_ts
         if commit_ts > self.max_ts:
             self.max_ts = commit_ts
