@@ -103,7 +103,7 @@ KIND_COMMIT, KIND_PREPARE, KIND_COMMIT_PREPARED, KIND_ABORT = range(4)
 class TwoPC:
     """A cross-shard txn from prepare until every participant applied the decision.
     The requester is `owner` (a Request for `txn`, a BatchRun for `batch`) entry `index`."""
-    __slots__ = ("ts", "participants", "owner", "index", "decision", "on_decided", "unacked",
+    __slots__ = ("ts", "participants", "owner", "index", "decision", "unacked",
                  "waiting", "conflict_keys", "failure", "acks_waiting", "any_ack", "run")
 
     def __init__(self, ts, participants, owner, index):
@@ -112,7 +112,6 @@ class TwoPC:
         self.owner = owner
         self.index = index
         self.decision = None           # None (undecided) | "commit" | "abort"
-        self.on_decided = []
         self.unacked = set()           # participants that have not acked commit_prepared
         self.waiting = len(participants)   # prepare results still to come
         self.conflict_keys = []
@@ -131,11 +130,12 @@ class Request:
 
 class BatchRun:
     """A `batch` request being dispatched entry by entry (the owner of its entries)."""
-    __slots__ = ("req", "txns", "results", "next", "finished", "undecided", "locked")
+    __slots__ = ("req", "txns", "count", "results", "next", "finished", "undecided", "locked")
 
     def __init__(self, req, txns, track_keys: bool = True):
         self.req = req
         self.txns = txns
+        self.count = len(txns)
         self.results = [None] * len(txns)
         self.next = 0
         self.finished = 0
@@ -296,17 +296,19 @@ class Router:
     def send_item(self, link: ShardLink, item: list, target: tuple) -> None:
         """Append one txn step to the shard's open `txns` message (opening one when the
         outbox does not end with it, so the shard still sees everything in send order)."""
-        group = link.group
-        if group is None:
-            group = link.group = TxnGroup()
-            rid = self.next_rid
-            self.next_rid += 1
-            link.outbox.append({"op": m.TXNS, "rid": rid, "inc": link.inc, "items": group.items})
-            link.pending.add(rid)
-            self.pending[rid] = (link, lambda reply, group=group: self.on_group(group, reply),
-                                 time.monotonic() + self.request_timeout)
+        group = link.group or self.open_group(link)
         group.items.append(item)
         group.targets.append(target)
+
+    def open_group(self, link: ShardLink) -> TxnGroup:
+        group = link.group = TxnGroup()
+        rid = self.next_rid
+        self.next_rid += 1
+        link.outbox.append({"op": m.TXNS, "rid": rid, "inc": link.inc, "items": group.items})
+        link.pending.add(rid)
+        self.pending[rid] = (link, lambda reply, group=group: self.on_group(group, reply),
+                             time.monotonic() + self.request_timeout)
+        return group
 
     def on_group(self, group: TxnGroup, reply: dict) -> None:
         """Hand each item's result of a `txns` reply to its txn (the whole message's
@@ -319,17 +321,22 @@ class Router:
                 failure = {"code": "internal", "message": "malformed txns reply from shard",
                            "retryable": False}
             results = [failure] * len(targets)
+        entry_done = self.entry_done
         for target, e in zip(targets, results):
             try:
                 kind = target[0]
                 if kind == KIND_COMMIT:
                     _, owner, index, ts = target
                     if e is None:
-                        self.entry_done(owner, index, {"ok": True, "commit_ts": ts})
+                        entry_done(owner, index, {"ok": True, "commit_ts": ts})
                     else:
-                        self.entry_done(owner, index, {"ok": False, "error": self.txn_error_of(e)})
+                        entry_done(owner, index, {"ok": False, "error": self.txn_error_of(e)})
                 elif kind == KIND_PREPARE:
-                    self.on_prepared(target[1], e)
+                    txn = target[1]
+                    if e is None and txn.waiting > 1:
+                        txn.waiting -= 1     # more prepare results to come
+                    else:
+                        self.on_prepared(txn, e)
                 elif kind == KIND_COMMIT_PREPARED:
                     self.on_commit_ack(target[1], target[2], e)
             except Exception as exc:  # a bug in one txn's continuation must not stop the rest
@@ -702,7 +709,7 @@ class Router:
         if owner.__class__ is BatchRun:
             owner.results[index] = result
             owner.finished += 1
-            if owner.finished == len(owner.txns):
+            if owner.finished == owner.count:
                 self.count_txns(owner.results)
                 self.reply(owner.req, results=owner.results)
             return
@@ -838,11 +845,14 @@ class Router:
         if commit:
             self.twopc["committed"] += 1
             txn.unacked = set(txn.participants)
-            target = (KIND_COMMIT_PREPARED, txn)
+            ts = txn.ts
             for s in txn.participants:
-                if links[s].state == "up":
+                link = links[s]
+                if link.state == "up":
                     txn.acks_waiting += 1
-                    self.send_item(links[s], [m.ITEM_COMMIT_PREPARED, txn.ts, txn.ts], target + (s,))
+                    group = link.group or self.open_group(link)
+                    group.items.append([m.ITEM_COMMIT_PREPARED, ts, ts])
+                    group.targets.append((KIND_COMMIT_PREPARED, txn, s))
             if not txn.acks_waiting:
                 self.entry_done(txn.owner, txn.index, {"ok": False, "error": unavailable(
                     "participants down", outcome="unknown")})
@@ -855,9 +865,8 @@ class Router:
             self.entry_done(txn.owner, txn.index, {"ok": False, "error": error})
         if txn.run is not None:
             self.batch_decided(txn.run, txn)
-        for hook in txn.on_decided:
-            hook()
-        self.check_barriers()
+        if self.barriers or self.held:
+            self.check_barriers()
 
     def on_commit_ack(self, txn: TwoPC, shard: int, e) -> None:
         """One participant's commit_prepared result; answer once all are in (the commit
@@ -887,17 +896,8 @@ class Router:
         self.pump_batch(BatchRun(ctx, txns, shares_keys(txns)))
 
     def pump_batch(self, run: BatchRun) -> None:
-        txns = run.txns
         if run.locked is None:
-            # No key is in two entries: no entry can wait on another, dispatch them all.
-            while run.next < len(txns):
-                if self.barriers and self.is_cross_shard(txns[run.next]):
-                    self.held.append(lambda: self.pump_batch(run))
-                    return
-                i = run.next
-                run.next += 1
-                self.start_txn(txns[i], run, i)
-            return
+            return self.dispatch_unshared(run)
         locked = run.locked
         while run.next < len(run.txns):
             t = run.txns[run.next]
@@ -916,6 +916,92 @@ class Router:
                 run.undecided[txn] = keys
                 locked.update(keys)
                 txn.run = run
+
+    def dispatch_unshared(self, run: BatchRun) -> None:
+        """Dispatch the entries of a batch in which no key is in two entries, so no entry
+        waits on another: start_txn inlined for the common cases (every shard up, writes,
+        no barrier), with one pass over each entry's keys; anything else goes through
+        start_txn itself. Same messages, same ts order as entry-by-entry start_txn."""
+        txns = run.txns
+        count = len(txns)
+        n = self.nshards
+        links = self.links
+        crc = zlib.crc32
+        oracle = self.oracle
+        i = run.next
+        while i < count:
+            t = txns[i]
+            reads = t["reads"]
+            writes = t["writes"]
+            if not writes or self.barriers:
+                if self.barriers and self.is_cross_shard(t):
+                    run.next = i
+                    self.held.append(lambda: self.pump_batch(run))
+                    return
+                run.next = i + 1
+                self.start_txn(t, run, i)
+                i += 1
+                continue
+            # which shard(s): stop at the first key on another shard than the first one
+            first = -1
+            single = True
+            if n > 1:
+                for kv in reads:
+                    s = crc(kv[0]) % n
+                    if s != first:
+                        if first < 0:
+                            first = s
+                        else:
+                            single = False
+                            break
+                if single:
+                    for kv in writes:
+                        s = crc(kv[0]) % n
+                        if s != first:
+                            if first < 0:
+                                first = s
+                            else:
+                                single = False
+                                break
+            else:
+                first = 0
+            if single:
+                link = links[first]
+                if link.state != "up":
+                    run.next = i + 1
+                    self.start_txn(t, run, i)   # answers unavailable
+                    i += 1
+                    continue
+                ts = oracle.last + 1
+                if ts > oracle.reserved_upto:
+                    ts = oracle.next()
+                else:
+                    oracle.last = ts
+                group = link.group or self.open_group(link)
+                group.items.append([m.ITEM_COMMIT, ts, reads, writes])
+                group.targets.append((KIND_COMMIT, run, i, ts))
+                i += 1
+                continue
+            parts = {}
+            for kv in reads:
+                s = crc(kv[0]) % n
+                part = parts.get(s)
+                if part is None:
+                    part = parts[s] = ([], [])
+                part[0].append(kv)
+            for kv in writes:
+                s = crc(kv[0]) % n
+                part = parts.get(s)
+                if part is None:
+                    part = parts[s] = ([], [])
+                part[1].append(kv)
+            run.next = i + 1
+            if all(links[s].state == "up" for s in parts):
+                self.start_2pc(parts, run, i)
+            else:
+                self.start_txn(t, run, i)   # answers unavailable
+            i += 1
+        run.next = i
 
     def batch_decided(self, run: BatchRun, txn: TwoPC) -> None:
         keys = run.undecided.pop(txn, ())

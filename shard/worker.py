@@ -4,8 +4,8 @@
                                     "data_dir": ..., "run_dir": ..., "config": {...}}'
 
 One loop pass: poll (timeout), drain up to MAX_DRAIN frames from the router, dispatch each
-message to handle_<op>, run one step of any flush/prune job, engine.sync() once (group
-commit), then send every reply of the pass (one frame per peer). Nothing is acknowledged
+message to handle_<op>, engine.sync() once (group commit), send every reply of the pass
+(one frame per peer), then run one step of any flush/prune job. Nothing is acknowledged
 or shown before the sync. Reads meeting a key prepared at or below their snapshot are
 deferred (the snapshot pinned) and retried after each commit_prepared/abort_prepared,
 until `router.read_wait_secs`, then answered `unavailable`.
@@ -265,15 +265,26 @@ class ShardWorker:
                 except zmq.Again:
                     break
                 self.handle_frame(peer, frame, time.monotonic())
-        self.maintenance_step()
-        self.engine.sync()                      # group commit: one durable write per pass
+        now = self.finish_pass()
+        if self.flush_job is not None or self.prune_job is not None:
+            # One flush/prune chunk, after this pass's replies are out, so a chunk of
+            # background work never delays an acknowledgement (tail latency).
+            self.maintenance_step()
+            if self.out or (self.deferred and self.unblocked):
+                now = self.finish_pass()   # answers of a job that just finished
+        self.run_timers(now)
+
+    def finish_pass(self) -> float:
+        """Group commit (one durable write for everything this pass staged), then every
+        reply of the pass; returns the time after the sync."""
+        self.engine.sync()
         now = time.monotonic()
         if self.durable_waits:
             self.observe_durable(now)
         if self.deferred:
             self.retry_deferred(now)
         self.send_replies()
-        self.run_timers(now)
+        return now
 
     def observe_durable(self, now: float) -> None:
         """Commit latency (receive -> durable) of this pass: durable_waits holds receive
