@@ -1202,6 +1202,7 @@ class Router:
 def shard_entry(s: int, st: dict) -> dict:
     txn = st.get("txn", {})
     flush = st.get("flush", {})
+    prune = st.get("prune", {})
     return {"shard": s, "pid": st.get("pid"), "up": True, "inc": st.get("inc"),
             "keys": st.get("keys", 0), "versions": st.get("versions", 0),
             "txn_committed": txn.get("committed", 0), "txn_conflict": txn.get("conflict", 0),
@@ -1209,6 +1210,7 @@ def shard_entry(s: int, st: dict) -> dict:
             "latency_p90_ms": st.get("latency_p90_ms", 0.0), "latency_p99_ms": st.get("latency_p99_ms", 0.0),
             "flush": {k: flush.get(k, 0) for k in ("flush_count", "keys_flushed", "bytes_flushed",
                                                    "last_flush_ts", "last_flush_block")},
+            "prune": {k: prune.get(k, 0) for k in ("prune_count", "versions_removed")},
             "horizon": st.get("horizon", 0), "max_ts": st.get("max_ts", 0),
             "block_height": st.get("block_height", 0), "prepared": st.get("prepared", 0)}
 

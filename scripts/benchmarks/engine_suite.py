@@ -2,6 +2,13 @@
 
 Raw rocksdict WriteBatch (WAL off / WAL on) is measured in the same run as the engine's
 flush path and durable commit path, so the ratios compare like with like on a noisy box.
+
+The flush path has two baselines. The naive one (16 B keys, 100 B values, default
+rocksdict options, no memtable flush) is the seed's figure, kept for continuity. The
+like-for-like one writes exactly the engine's rows (26 B version keys, 101 B tagged
+values, pre-built) in the engine's chunk sizes into a DB opened by shard.storage.open_db,
+then flushes the memtable, as the engine's flush does; the issue 3 target (>= 0.9x)
+applies to it. Raw and engine runs alternate and the median ratio is reported.
 """
 from __future__ import annotations
 
@@ -9,10 +16,12 @@ import csv
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import rocksdict
@@ -41,6 +50,7 @@ class Sizes:
         self.restart_keys = [0, 1_000, 10_000, 50_000] if quick else [0, 1_000, 10_000, 100_000, 1_000_000]
         self.rss_keys = 200_000 if quick else 2_000_000
         self.repeats = 2 if quick else 3
+        self.flush_pairs = 3 if quick else 5     # odd: the median ratio is one pair's
 
 
 def key(i: int) -> bytes:
@@ -201,25 +211,180 @@ def load_keys(engine, clock: TsClock, n: int, per_txn: int = 1000, flush: bool =
         engine.flush()
 
 
+class FlushTimer:
+    """Splits one engine flush into phases by timing the calls FlushJob makes.
+
+    Instance-level wrappers on the engine's storage (write_pairs = the WAL-off chunk
+    writes, flush = the RocksDB memtable flush) and a module-level wrapper on
+    shard.flush.encode_rows; one perf_counter pair per chunk, so the overhead is noise.
+    Whatever is left of the flush (log sync and freeze, byte accounting, batch writer
+    bookkeeping, the meta write, log truncation) is reported as "other"."""
+
+    def __init__(self, engine):
+        import shard.flush as flush_module
+        self.engine, self.module = engine, flush_module
+        self.secs = {"encode": 0.0, "write": 0.0, "memtable_flush": 0.0}
+        self.chunks: list[int] = []
+
+    def _timed(self, fn, phase: str, chunk_sizes: list | None = None):
+        secs = self.secs
+
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                secs[phase] += time.perf_counter() - started
+                if chunk_sizes is not None:
+                    chunk_sizes.append(len(args[1]))     # write_pairs(cf, keys, values, wal)
+        return wrapper
+
+    def __enter__(self) -> "FlushTimer":
+        storage = self.engine.storage
+        self._encode = self.module.encode_rows
+        self.module.encode_rows = self._timed(self._encode, "encode")
+        storage.write_pairs = self._timed(storage.write_pairs, "write", self.chunks)
+        storage.flush = self._timed(storage.flush, "memtable_flush")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.module.encode_rows = self._encode
+        del self.engine.storage.write_pairs, self.engine.storage.flush   # back to the class methods
+
+
+def flush_rows(n: int, per_txn: int = 1000) -> tuple[list[bytes], list[bytes]]:
+    """The rows the engine's flush writes after load_keys(n, per_txn) from a fresh TsClock,
+    built with keycodec itself (the reference encoder): key i was committed at ts i//per_txn+1."""
+    from shard.keycodec import tag, version_key
+    live = tag(VALUE)
+    return [version_key(key(i), i // per_txn + 1) for i in range(n)], [live] * n
+
+
+def wait_quiet(storage, deadline_secs: float = 30.0) -> None:
+    """Wait for RocksDB background flushes/compactions left over from loading, so neither
+    side of the comparison pays for the other's (or its own setup's) background work."""
+    deadline = time.monotonic() + deadline_secs
+    while time.monotonic() < deadline:
+        busy = sum(storage.property_int(p, cf) for cf in ("data", "log", "meta")
+                   for p in ("rocksdb.num-running-flushes", "rocksdb.num-running-compactions"))
+        if not busy:
+            return
+        time.sleep(0.05)
+
+
+def raw_like_flush(tmp: str, vkeys: list[bytes], values: list[bytes], chunks: list[int],
+                   rocksdb_cfg: dict) -> dict:
+    """Raw rocksdict WriteBatches, WAL off, of the engine's own rows, in the engine's chunk
+    sizes, into a DB opened by shard.storage.open_db (same options), then the same memtable
+    flush of `data`. Chunks are sliced before timing; puts run as a C-level map over the
+    batch's bound `put` (the fastest way rocksdict offers: this is the limit)."""
+    from shard.storage import open_db
+    path = tempfile.mkdtemp(dir=tmp, prefix="rawflush-")
+    storage = open_db(path, rocksdb_cfg)
+    try:
+        batches, start = [], 0
+        for size in chunks:
+            batches.append((vkeys[start:start + size], values[start:start + size]))
+            start += size
+        assert start == len(vkeys), f"chunk schedule covers {start} of {len(vkeys)} rows"
+        db, handle = storage._db, storage.handles["data"]
+        wo = rocksdict.WriteOptions()
+        wo.disable_wal = True
+        wait_quiet(storage)
+        started = time.perf_counter()
+        for ks, vs in batches:
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            wb.set_default_column_family(handle)
+            deque(map(wb.put, ks, vs), maxlen=0)
+            db.write(wb, wo)
+        written = time.perf_counter()
+        storage.flush(("data",))
+        done = time.perf_counter()
+        return {"rate": len(vkeys) / (done - started), "secs": done - started,
+                "write": written - started, "memtable_flush": done - written}
+    finally:
+        storage.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def engine_flush(tmp: str, n: int, report: Report | None = None, check_rows=None) -> dict:
+    """Load n committed versions (not flushed), then time engine.flush() with its phase split.
+    With `report`, the flush runs under cProfile (slower: used for the profile and the chunk
+    schedule, not timed). With `check_rows`, the data CF must hold exactly those rows after."""
+    path = tempfile.mkdtemp(dir=tmp, prefix="flush-")
+    engine = open_engine(path, max_resident_versions=10 * n)
+    try:
+        load_keys(engine, TsClock(), n, flush=False)
+        wait_quiet(engine.storage)
+        with FlushTimer(engine) as timer, profiled(report, "engine_flush", enabled=report is not None):
+            started = time.perf_counter()
+            engine.flush()
+            secs = time.perf_counter() - started
+        if check_rows is not None:
+            got = list(engine.storage.iterate("data"))
+            assert got == list(zip(*check_rows)), "the raw baseline's rows differ from the engine's"
+        split = dict(timer.secs)
+        split["other"] = max(0.0, secs - sum(split.values()))
+        return {"rate": n / secs, "secs": secs, "chunks": timer.chunks, **split,
+                "rocksdb": dict(engine.config.rocksdb)}
+    finally:
+        engine.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def bench_flush(report: Report, sizes: Sizes, tmp: str, raw: dict) -> None:
-    n = sizes.flush_keys
-    log(f"engine flush path: {n:,} committed versions -> data CF")
-    best = 0.0
-    for attempt in range(sizes.repeats):
-        path = tempfile.mkdtemp(dir=tmp, prefix="flush-")
-        engine = open_engine(path, max_resident_versions=10 * n)
-        try:
-            load_keys(engine, TsClock(), n, flush=False)
-            with profiled(report, "engine_flush", enabled=attempt == 0):
-                started = time.perf_counter()
-                engine.flush()
-                best = max(best, n / (time.perf_counter() - started))
-        finally:
-            engine.close()
-            shutil.rmtree(path, ignore_errors=True)
-    report.add(Figure(SUITE, "engine flush path", best, "keys/s", peer="raw WriteBatch WAL off",
-                      peer_value=raw["wal_off"], target=0.9,
-                      note="includes the RocksDB memtable flush and log truncation"))
+    n, pairs = sizes.flush_keys, sizes.flush_pairs
+    log(f"engine flush path: {n:,} committed versions -> data CF; like-for-like raw baseline, "
+        f"{pairs} interleaved pairs")
+    vkeys, values = flush_rows(n)
+    # Untimed first run: the cProfile profile, the row check, the first chunk schedule.
+    first = engine_flush(tmp, n, report=report, check_rows=(vkeys, values))
+    rocksdb_cfg, chunks = first["rocksdb"], first["chunks"]
+    raws, engines = [], []
+    for _ in range(pairs):
+        # Raw replays the chunk sizes of the latest engine flush (the batch writer adapts).
+        raws.append(raw_like_flush(tmp, vkeys, values, chunks, rocksdb_cfg))
+        engines.append(engine_flush(tmp, n))
+        chunks = engines[-1]["chunks"]
+        log(f"  pair {len(engines)}: raw {raws[-1]['rate']:,.0f} keys/s, engine {engines[-1]['rate']:,.0f} "
+            f"keys/s, ratio {engines[-1]['rate'] / raws[-1]['rate']:.2f}")
+    del vkeys, values
+    ratios = [e["rate"] / r["rate"] for r, e in zip(raws, engines)]
+    mid = sorted(range(pairs), key=ratios.__getitem__)[pairs // 2]    # the pair with the median ratio
+    eng_med = statistics.median(e["rate"] for e in engines)
+    raw_med = statistics.median(r["rate"] for r in raws)
+    report.series["flush_pairs"] = {"raw_keys_per_sec": [r["rate"] for r in raws],
+                                    "engine_keys_per_sec": [e["rate"] for e in engines], "ratio": ratios,
+                                    "engine_chunks": [len(e["chunks"]) for e in engines]}
+    report.add(Figure(SUITE, "engine flush path vs like-for-like raw", engines[mid]["rate"], "keys/s",
+                      peer="raw WriteBatch WAL off (same rows, same options, incl. memtable flush)",
+                      peer_value=raws[mid]["rate"], target=0.9,
+                      note=f"median ratio of {pairs} interleaved pairs (this pair): "
+                           + ", ".join(f"{r:.2f}" for r in ratios)))
+    report.add(Figure(SUITE, "engine flush path vs naive raw", eng_med, "keys/s",
+                      peer="NAIVE raw WriteBatch(1000) WAL off (16 B keys, default options, no memtable flush)",
+                      peer_value=raw["wal_off"],
+                      note="not like for like: smaller rows, no lz4/bloom, nothing made durable"))
+    report.add(Figure(SUITE, "raw like-for-like flush (engine rows, open_db options, memtable flush)",
+                      raw_med, "keys/s", peer="naive raw WriteBatch(1000) WAL off", peer_value=raw["wal_off"],
+                      note="what the row shape, options and memtable flush cost raw RocksDB itself"))
+    # Where the time goes: medians per phase over the timed runs, engine vs raw.
+    med = {p: statistics.median(e[p] for e in engines) for p in ("encode", "write", "memtable_flush", "other")}
+    raw_write = statistics.median(r["write"] for r in raws)
+    raw_mflush = statistics.median(r["memtable_flush"] for r in raws)
+    total = statistics.median(e["secs"] for e in engines)
+    report.add(Figure(SUITE, "flush split: encode (memtable -> keycodec rows)", med["encode"], "s",
+                      peer="raw (rows pre-built)", peer_value=None, higher_is_better=False,
+                      note=f"{med['encode'] / total:.0%} of the engine's {total:.3f} s"))
+    report.add(Figure(SUITE, "flush split: WAL-off WriteBatch writes", med["write"], "s",
+                      peer="raw writes, same batches", peer_value=raw_write, higher_is_better=False,
+                      note=f"{med['write'] / total:.0%} of the engine's flush"))
+    report.add(Figure(SUITE, "flush split: RocksDB memtable flush", med["memtable_flush"], "s",
+                      peer="raw memtable flush", peer_value=raw_mflush, higher_is_better=False,
+                      note=f"{med['memtable_flush'] / total:.0%} of the engine's flush"))
+    report.add(Figure(SUITE, "flush split: other (log sync, accounting, meta write, log truncate)",
+                      med["other"], "s", higher_is_better=False,
+                      note=f"{med['other'] / total:.0%} of the engine's flush"))
 
 
 def bench_durable_commits(report: Report, sizes: Sizes, tmp: str, raw: dict) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from benchlib import Figure, Report, log, plot_bars, plot_lines, profiled
 from procs import Conn, NodeProcess, RedisProcess
-from shard.histogram import Histogram, quantile
 
 SUITE = "node"
 ACCOUNTS = 10_000
@@ -108,10 +107,18 @@ def shardkv_transfers(conn: Conn, seconds: float, in_flight: int, rng: random.Ra
             "errors": errors, "rounds": rounds, "seconds": elapsed}
 
 
+def percentile(samples: list[float], q: float) -> float:
+    """Exact nearest-rank percentile of raw samples. A benchmark keeps every sample: the
+    node's fixed-bucket histograms would interpolate inside buckets as wide as 1.5 ms and
+    report a P99 near a bucket bound rather than the measured one."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
+
+
 def shardkv_latency(conn: Conn, n: int, rng: random.Random) -> dict:
     """One request per round trip: the commit (`txn` with read versions) alone, and the
-    whole transfer (get + txn)."""
-    h_txn, h_transfer = Histogram(), Histogram()
+    whole transfer (get + txn). Seconds, every sample."""
+    txn_samples, transfer_samples = [], []
     for _ in range(n):
         a, b = (account(i) for i in rng.sample(range(ACCOUNTS), 2))
         t0 = time.perf_counter()
@@ -123,9 +130,9 @@ def shardkv_latency(conn: Conn, n: int, rng: random.Random) -> dict:
         t2 = time.perf_counter()
         if not reply.get("ok"):
             raise RuntimeError(f"latency txn failed: {reply}")
-        h_txn.observe(t2 - t1)
-        h_transfer.observe(t2 - t0)
-    return {"txn": h_txn.snapshot(), "transfer": h_transfer.snapshot()}
+        txn_samples.append(t2 - t1)
+        transfer_samples.append(t2 - t0)
+    return {"txn": txn_samples, "transfer": transfer_samples}
 
 
 # -- Redis --------------------------------------------------------------------------------------
@@ -156,13 +163,13 @@ def redis_transfers(r, sha: str, seconds: float, rng: random.Random) -> dict:
 
 
 def redis_latency(r, sha: str, n: int, rng: random.Random) -> dict:
-    h = Histogram()
+    samples = []
     for _ in range(n):
         a, b = rng.sample(range(ACCOUNTS), 2)
         t0 = time.perf_counter()
         r.evalsha(sha, 2, account(a), account(b), 1)
-        h.observe(time.perf_counter() - t0)
-    return {"txn": h.snapshot()}
+        samples.append(time.perf_counter() - t0)
+    return {"txn": samples}
 
 
 def redis_total(r) -> int:
@@ -236,13 +243,13 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
         for q in (0.5, 0.99):
             pct = int(q * 100)
             report.add(Figure(SUITE, f"single txn latency P{pct} ({main_shards} shards)",
-                              quantile(main_lat["txn"], q) * 1000, "ms", peer="Redis EVALSHA",
-                              peer_value=quantile(redis_lat["txn"], q) * 1000, higher_is_better=False,
+                              percentile(main_lat["txn"], q) * 1000, "ms", peer="Redis EVALSHA",
+                              peer_value=percentile(redis_lat["txn"], q) * 1000, higher_is_better=False,
                               target=2.0 if pct == 99 else None))
         for q in (0.5, 0.99):
             report.add(Figure(SUITE, f"transfer latency get+txn P{int(q * 100)} ({main_shards} shards)",
-                              quantile(main_lat["transfer"], q) * 1000, "ms", peer="Redis EVALSHA",
-                              peer_value=quantile(redis_lat["txn"], q) * 1000, higher_is_better=False))
+                              percentile(main_lat["transfer"], q) * 1000, "ms", peer="Redis EVALSHA",
+                              peer_value=percentile(redis_lat["txn"], q) * 1000, higher_is_better=False))
         report.series["node_throughput"] = {"redis": redis_best, "shardkv": {str(k): v for k, v in scaling.items()}}
         report.series["node_latency"] = {"shardkv": main_lat, "redis": redis_lat}
         bars = {"Redis AOF Lua": rtps}
@@ -264,6 +271,6 @@ def _plot_latency(report: Report, lat: dict, redis_lat: dict) -> None:
     qs = [0.5, 0.75, 0.9, 0.95, 0.99, 0.999]
     xs = [q * 100 for q in qs]
     plot_lines(report, "node_latency.png", "Single-request latency by percentile", "percentile",
-               {"shardkv txn": (xs, [quantile(lat["txn"], q) * 1000 for q in qs]),
-                "shardkv get+txn": (xs, [quantile(lat["transfer"], q) * 1000 for q in qs]),
-                "Redis EVALSHA": (xs, [quantile(redis_lat["txn"], q) * 1000 for q in qs])}, "ms")
+               {"shardkv txn": (xs, [percentile(lat["txn"], q) * 1000 for q in qs]),
+                "shardkv get+txn": (xs, [percentile(lat["transfer"], q) * 1000 for q in qs]),
+                "Redis EVALSHA": (xs, [percentile(redis_lat["txn"], q) * 1000 for q in qs])}, "ms")

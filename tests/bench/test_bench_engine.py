@@ -1,8 +1,11 @@
 """`scripts/bench engine --quick`: the report has its structure (never timing asserts)."""
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,4 +35,18 @@ def test_engine_quick_writes_table_json_plots_and_profiles(tmp_path):
     assert "| engine | raw WriteBatch(1000) WAL off |" in (out / "report.md").read_text()
     if "shard/engine.py is not on main yet" not in " ".join(doc["notes"]):
         assert any(n.startswith("engine flush path") for n in names)
+        # Both flush comparisons side by side: the target applies to the like-for-like one.
+        figs = {f["name"]: f for f in doc["figures"]}
+        fair = figs["engine flush path vs like-for-like raw"]
+        assert fair["peer"] == "raw WriteBatch WAL off (same rows, same options, incl. memtable flush)"
+        assert fair["target"] == 0.9 and fair["ratio"] > 0
+        naive = figs["engine flush path vs naive raw"]
+        assert naive["peer"].startswith("NAIVE") and naive["target"] is None and naive["ratio"] > 0
+        pairs = doc["series"]["flush_pairs"]
+        assert len(pairs["ratio"]) % 2 == 1 and len(pairs["ratio"]) == len(pairs["raw_keys_per_sec"])
+        assert fair["ratio"] == pytest.approx(statistics.median(pairs["ratio"])), "the median pair is reported"
+        split = [n for n in names if n.startswith("flush split: ")]
+        assert len(split) == 4, split
+        for name in split:
+            assert figs[name]["value"] >= 0 and figs[name]["unit"] == "s"
         assert not [n for n in doc["notes"] if "failed" in n], doc["notes"]

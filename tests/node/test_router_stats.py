@@ -22,3 +22,15 @@ def test_node_figures_count_cross_shard_transactions_once(cluster):
     assert abs(node["success_rate"] - 6 / 8) < 1e-9
     assert node["tps"] > 0
     assert 0 < node["latency_p50_ms"] <= node["latency_p90_ms"] <= node["latency_p99_ms"]
+
+
+def test_stats_report_pruning_per_shard(cluster):
+    client = cluster.client()
+    keys = [b"pr-%d" % i for i in range(6)]
+    for round_ in range(4):
+        client.ok("batch", txns=[{"writes": [[k, b"%d" % round_]]} for k in keys])
+    removed = client.ok("prune", keep_versions=1)["versions_removed"]
+    assert removed == 3 * len(keys)
+    shards = client.ok("stats")["shards"]
+    assert sum(s["prune"]["versions_removed"] for s in shards) == removed
+    assert all(s["prune"]["prune_count"] >= 1 for s in shards)
