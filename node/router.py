@@ -40,6 +40,7 @@ from shard.worker import (EXIT_FATAL, ProcessProfile, SignalPipe, SupervisorLink
                           set_parent_death_signal, tune_gc)
 
 MAX_DRAIN = 1024        # client frames taken per loop pass
+STOP_DRAIN = 100_000    # at most this many queued frames are still taken on at a stop
 POLL_MS = 20
 MAX_FORGETS = 4096      # outcome records to forget that get a frame of their own
 
@@ -247,7 +248,11 @@ class Router:
                 if grace_deadline is None:
                     grace_deadline = time.monotonic() + self.request_timeout + 1
                     if self.ready:
-                        self.poller.unregister(self.client)
+                        # Requests already queued on the socket were sent before the stop:
+                        # they are in flight and get finished like the rest. Later ones are
+                        # refused with `unavailable` (see loop_pass), never left unanswered.
+                        self.drain_clients(STOP_DRAIN)
+                        self.flush_outboxes()
                 if self.inflight == 0 or time.monotonic() > grace_deadline:
                     break
         self.flush_outboxes()
@@ -267,8 +272,11 @@ class Router:
         for link in self.links:
             if link.sock in events:
                 self.drain_shard(link)
-        if self.ready and not self.stopping and self.client in events:
-            self.drain_clients()
+        if self.ready and self.client in events:
+            if self.stopping:
+                self.refuse_clients()
+            else:
+                self.drain_clients()
         now = time.monotonic()
         self.run_timers(now)
         self.flush_outboxes()
@@ -538,8 +546,29 @@ class Router:
 
     # ------------------------------------------------------------ client side
 
-    def drain_clients(self) -> None:
+    def refuse_clients(self) -> None:
+        """While stopping: answer each new request `unavailable` (retryable, no effect)."""
         for _ in range(MAX_DRAIN):
+            try:
+                frames = self.client.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            envelope, payload = frames[:-1], frames[-1]
+            try:
+                req = decode_request(payload, self.limits)
+            except ProtocolError as exc:
+                self.send_client(envelope, exc.reply())
+                continue
+            except Exception as exc:
+                self.send_client(envelope, encode_error(None, "internal", f"decode: {exc!r}", False))
+                continue
+            extra = {"outcome": "aborted"} if req["op"] in ("txn", "batch") else {}
+            self.results[(req["op"], "unavailable")] += 1
+            self.send_client(envelope, encode_error(req.get("id"), "unavailable",
+                                                    "the node is stopping", True, **extra))
+
+    def drain_clients(self, limit: int = None) -> None:
+        for _ in range(limit or MAX_DRAIN):
             try:
                 frames = self.client.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
