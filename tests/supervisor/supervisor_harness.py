@@ -97,9 +97,13 @@ class NodeProcess:
 
     def wait_exit(self, timeout: float = 30) -> int:
         try:
-            return self.proc.wait(timeout)
+            status = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"node did not exit within {timeout}s:\n{self.log()[-3000:]}")
+        # The exit can beat the reader thread to the last stdout lines: wait for its EOF
+        # (bounded: a child that outlives the supervisor may still hold the pipe open).
+        self.reader.join(5)
+        return status
 
     def signal(self, sig=signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
