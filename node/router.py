@@ -28,11 +28,12 @@ import shutil
 import sys
 import time
 import zlib
+from itertools import chain
 
 import zmq
 
-from node.security import secure_client_socket
 from node.protocol import Limits, ProtocolError, decode_request, encode_error, encode_reply
+from node.security import secure_client_socket
 from node.timestamps import TimestampOracle
 from shard import messages as m
 from shard.histogram import Histogram, RateWindow, summary_ms
@@ -975,7 +976,7 @@ class Router:
             first = -1
             single = True
             if n > 1:
-                for kv in reads:
+                for kv in chain(reads, writes):
                     s = crc(kv[0]) % n
                     if s != first:
                         if first < 0:
@@ -983,15 +984,6 @@ class Router:
                         else:
                             single = False
                             break
-                if single:
-                    for kv in writes:
-                        s = crc(kv[0]) % n
-                        if s != first:
-                            if first < 0:
-                                first = s
-                            else:
-                                single = False
-                                break
             else:
                 first = 0
             if single:
@@ -1001,11 +993,7 @@ class Router:
                     self.start_txn(t, run, i)   # answers unavailable
                     i += 1
                     continue
-                ts = oracle.last + 1
-                if ts > oracle.reserved_upto:
-                    ts = oracle.next()
-                else:
-                    oracle.last = ts
+                ts = oracle.next()
                 group = link.group or self.open_group(link)
                 group.items.append([m.ITEM_COMMIT, ts, reads, writes])
                 group.targets.append((KIND_COMMIT, run, i, ts))
