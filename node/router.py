@@ -42,6 +42,7 @@ from shard.worker import (EXIT_FATAL, ProcessProfile, SignalPipe, SupervisorLink
 
 MAX_DRAIN = 1024        # client frames taken per loop pass
 STOP_DRAIN = 100_000    # at most this many queued frames are still taken on at a stop
+STOP_QUIET_SECS = 0.2   # at a stop, keep refusing new frames until none came for this long
 POLL_MS = 20
 MAX_FORGETS = 4096      # outcome records to forget that get a frame of their own
 
@@ -182,6 +183,7 @@ class Router:
         self.ready = False
         self.stopping = False
         self.auth = None               # CURVE authenticator thread, when keys are configured
+        self.last_client_frame = 0.0   # monotonic time of the last client frame taken
         self.links = []
         self.pending = {}              # rid -> (link, callback, deadline), in send order
         self.next_rid = 1
@@ -254,7 +256,11 @@ class Router:
                         # refused with `unavailable` (see loop_pass), never left unanswered.
                         self.drain_clients(STOP_DRAIN)
                         self.flush_outboxes()
-                if self.inflight == 0 or time.monotonic() > grace_deadline:
+                now = time.monotonic()
+                # Exit once nothing is in flight AND clients have gone quiet: a frame still
+                # on its way when the socket closes would get no answer at all.
+                if now > grace_deadline or (self.inflight == 0
+                                            and now - self.last_client_frame > STOP_QUIET_SECS):
                     break
         self.flush_outboxes()
         for link in self.links:
@@ -547,35 +553,16 @@ class Router:
 
     # ------------------------------------------------------------ client side
 
-    def refuse_clients(self) -> None:
-        """While stopping: answer each new request `unavailable` (retryable, no effect)."""
-        for _ in range(MAX_DRAIN):
+    def client_requests(self, limit: int):
+        """Yield (envelope, request, received_at) for up to `limit` frames waiting on the
+        client socket. A frame that does not decode is answered here, and counted."""
+        for _ in range(limit):
             try:
                 frames = self.client.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
             envelope, payload = frames[:-1], frames[-1]
-            try:
-                req = decode_request(payload, self.limits)
-            except ProtocolError as exc:
-                self.send_client(envelope, exc.reply())
-                continue
-            except Exception as exc:
-                self.send_client(envelope, encode_error(None, "internal", f"decode: {exc!r}", False))
-                continue
-            extra = {"outcome": "aborted"} if req["op"] in ("txn", "batch") else {}
-            self.results[(req["op"], "unavailable")] += 1
-            self.send_client(envelope, encode_error(req.get("id"), "unavailable",
-                                                    "the node is stopping", True, **extra))
-
-    def drain_clients(self, limit: int = None) -> None:
-        for _ in range(limit or MAX_DRAIN):
-            try:
-                frames = self.client.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                return
-            envelope, payload = frames[:-1], frames[-1]
-            t0 = time.monotonic()
+            t0 = self.last_client_frame = time.monotonic()
             try:
                 req = decode_request(payload, self.limits)
             except ProtocolError as exc:
@@ -586,6 +573,18 @@ class Router:
                 self.results[("invalid", "internal")] += 1
                 self.send_client(envelope, encode_error(None, "internal", f"decode: {exc!r}", False))
                 continue
+            yield envelope, req, t0
+
+    def refuse_clients(self) -> None:
+        """While stopping: answer each new request `unavailable` (retryable, no effect)."""
+        for envelope, req, _ in self.client_requests(MAX_DRAIN):
+            extra = {"outcome": "aborted"} if req["op"] in ("txn", "batch") else {}
+            self.results[(req["op"], "unavailable")] += 1
+            self.send_client(envelope, encode_error(req.get("id"), "unavailable",
+                                                    "the node is stopping", True, **extra))
+
+    def drain_clients(self, limit: int = MAX_DRAIN) -> None:
+        for envelope, req, t0 in self.client_requests(limit):
             ctx = Request(envelope, req.get("id"), req["op"], t0)
             self.inflight += 1
             try:
