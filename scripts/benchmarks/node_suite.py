@@ -12,13 +12,15 @@ the same client code, so the report shows how much of a node round trip is ZeroM
 from __future__ import annotations
 
 import random
+
+import psutil
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from benchlib import Figure, Report, log, plot_bars, plot_lines, profiled
-from procs import Conn, EchoProcess, NodeProcess, RedisProcess
+from procs import Conn, CpuMeter, EchoProcess, NodeProcess, RedisProcess, node_roles
 
 SUITE = "node"
 ACCOUNTS = 10_000
@@ -107,6 +109,17 @@ def shardkv_transfers(conn: Conn, seconds: float, in_flight: int, rng: random.Ra
     elapsed = time.perf_counter() - started
     return {"tps": committed / elapsed, "committed": committed, "conflicts": conflicts,
             "errors": errors, "rounds": rounds, "seconds": elapsed}
+
+
+def metered(roles: dict, run) -> dict:
+    """run() -> result dict with `committed` and `seconds`; adds `cpu_us` (CPU microseconds
+    per committed transfer, by process) and `cores_busy` (CPU seconds per second)."""
+    with CpuMeter(roles) as meter:
+        result = run()
+    done = max(1, result["committed"])
+    result["cpu_us"] = {name: secs / done * 1e6 for name, secs in meter.used.items()}
+    result["cores_busy"] = sum(meter.used.values()) / result["seconds"]
+    return result
 
 
 def echo_latency(n: int) -> dict:
@@ -212,8 +225,9 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
         redis_proc = RedisProcess(tmp / "redis")
         try:
             sha = redis_setup(redis_proc.client)
-            redis_best = max((redis_transfers(redis_proc.client, sha, s.seconds, rng) for _ in range(s.repeats)),
-                             key=lambda r: r["tps"])
+            redis_roles = {"client": psutil.Process(), "redis-server": psutil.Process(redis_proc.proc.pid)}
+            redis_best = max((metered(redis_roles, lambda: redis_transfers(redis_proc.client, sha, s.seconds, rng))
+                              for _ in range(s.repeats)), key=lambda r: r["tps"])
             log(f"redis {redis_proc.version}: {redis_best['tps']:,.0f} transfers/s")
             redis_lat = redis_latency(redis_proc.client, sha, s.latency_txns, rng)
             echo_lat = echo_latency(s.latency_txns)
@@ -228,11 +242,12 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
             conn = Conn(node.endpoint)
             try:
                 load_accounts(conn)
+                roles = {"client": psutil.Process(), **node_roles(node.pid)}
                 best = None
                 for attempt in range(s.repeats):
                     profile = shards == main_shards and attempt == 0
                     with profiled(report, f"node_client_{shards}shards", enabled=profile):
-                        r = shardkv_transfers(conn, s.seconds, s.rounds_in_flight, rng)
+                        r = metered(roles, lambda: shardkv_transfers(conn, s.seconds, s.rounds_in_flight, rng))
                     if best is None or r["tps"] > best["tps"]:
                         best = r
                 log(f"shardkv {shards} shard(s): {best['tps']:,.0f} transfers/s "
@@ -253,6 +268,15 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
                     report.note(f"node with {shards} shards exited with status {rc} on SIGTERM")
 
         rtps = redis_best["tps"]
+        redis_cpu = sum(redis_best["cpu_us"].values())
+        for shards, r in scaling.items():
+            report.add(Figure(SUITE, f"CPU per transfer, all processes, {shards} shard(s)", sum(r["cpu_us"].values()),
+                              "us", peer="Redis + the same client", peer_value=redis_cpu, higher_is_better=False,
+                              note="; ".join(f"{k} {v:.1f}" for k, v in r["cpu_us"].items())
+                                   + f" (cores busy {r['cores_busy']:.2f}; Redis run {redis_best['cores_busy']:.2f})"))
+        report.series["node_cpu_us_per_transfer"] = {"redis": redis_best["cpu_us"],
+                                                     **{str(k): v["cpu_us"] for k, v in scaling.items()}}
+        _plot_cpu(report, redis_best["cpu_us"], {k: v["cpu_us"] for k, v in scaling.items()})
         report.add(Figure(SUITE, f"transfers/s, {main_shards} shards, get+batch(100), "
                                  f"{s.rounds_in_flight} rounds in flight", main_result["tps"], "transfers/s",
                           peer=f"Redis {redis_proc.version} AOF everysec, Lua EVALSHA x100", peer_value=rtps,
@@ -302,3 +326,36 @@ def _plot_latency(report: Report, lat: dict, redis_lat: dict, echo_lat: dict) ->
                 "shardkv get+txn": (xs, [percentile(lat["transfer"], q) * 1000 for q in qs]),
                 "Redis EVALSHA": (xs, [percentile(redis_lat["txn"], q) * 1000 for q in qs]),
                 "ZeroMQ echo (no work)": (xs, [percentile(echo_lat["echo"], q) * 1000 for q in qs])}, "ms")
+
+
+def _plot_cpu(report: Report, redis_cpu: dict, node_cpu: dict) -> None:
+    """Stacked bars: CPU microseconds per committed transfer, by process."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    columns = {"Redis AOF Lua": redis_cpu}
+    columns.update({f"shardkv {k} shard(s)": v for k, v in node_cpu.items()})
+    def group(name: str) -> str:
+        return "shards" if name.startswith("shard-") else name
+    groups = []
+    for cpu in columns.values():
+        for name in cpu:
+            if group(name) not in groups:
+                groups.append(group(name))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bottoms = [0.0] * len(columns)
+    for g in groups:
+        heights = [sum(v for k, v in cpu.items() if group(k) == g) for cpu in columns.values()]
+        ax.bar(range(len(columns)), heights, bottom=bottoms, label=g)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels(list(columns), rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("CPU us per committed transfer")
+    ax.set_title("Where the CPU of a bank transfer goes (all threads of each process)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    report.out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(report.out_dir / "node_cpu.png", dpi=90)
+    plt.close(fig)
+    report.plots.append("node_cpu.png")

@@ -20,6 +20,51 @@ import zmq
 from benchlib import ROOT, free_port, log
 
 
+def cpu_seconds(proc) -> float:
+    """User + system CPU of a psutil.Process (every thread), 0.0 once it is gone."""
+    import psutil
+    try:
+        t = proc.cpu_times()
+        return t.user + t.system
+    except psutil.Error:
+        return 0.0
+
+
+class CpuMeter:
+    """CPU seconds each named process used inside the `with` block: where the work of a
+    run went (router, shards, client, Redis), which wall-clock throughput alone hides."""
+
+    def __init__(self, procs: dict):
+        self.procs = procs          # name -> psutil.Process
+        self.used: dict[str, float] = {}
+
+    def __enter__(self):
+        self.start = {name: cpu_seconds(p) for name, p in self.procs.items()}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.used = {name: cpu_seconds(p) - self.start[name] for name, p in self.procs.items()}
+
+
+def node_roles(supervisor_pid: int) -> dict:
+    """{"supervisor", "router", "shard-<i>"} -> psutil.Process for a running node."""
+    import json
+    import psutil
+    sup = psutil.Process(supervisor_pid)
+    roles = {"supervisor": sup}
+    for child in sup.children(recursive=True):
+        try:
+            argv = child.cmdline()
+        except psutil.Error:
+            continue
+        if "node.router" in argv:
+            roles["router"] = child
+        elif "shard.worker" in argv and "--spec" in argv:
+            spec = json.loads(argv[argv.index("--spec") + 1])
+            roles[f"shard-{spec['shard']}"] = child
+    return roles
+
+
 class NodeProcess:
     """`python -m supervisor.main` (what scripts/node runs) on free ports and a tmp data dir."""
 

@@ -32,6 +32,12 @@ def test_node_quick_compares_with_redis_and_writes_the_report(tmp_path):
     assert len(doc["series"]["node_latency"]["echo"]["echo"]) > 0
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| node |")]
     assert len(rows) == len(doc["figures"])
-    for png in ("node_throughput.png", "node_latency.png"):
+    cpu = {f["name"]: f for f in doc["figures"] if f["name"].startswith("CPU per transfer")}
+    assert set(cpu) == {"CPU per transfer, all processes, 1 shard(s)", "CPU per transfer, all processes, 2 shard(s)"}
+    assert all(f["value"] > 0 and f["peer_value"] > 0 for f in cpu.values())
+    per_process = doc["series"]["node_cpu_us_per_transfer"]
+    assert {"client", "router", "shard-0", "shard-1", "supervisor"} <= set(per_process["2"])
+    assert {"client", "redis-server"} == set(per_process["redis"])
+    for png in ("node_throughput.png", "node_latency.png", "node_cpu.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert any(p.startswith("node_client_") for p in doc["profiles"])
