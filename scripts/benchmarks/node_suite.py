@@ -12,15 +12,17 @@ the same client code, so the report shows how much of a node round trip is ZeroM
 from __future__ import annotations
 
 import random
-
-import psutil
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from benchlib import Figure, Report, log, plot_bars, plot_lines, profiled
 from procs import Conn, CpuMeter, EchoProcess, NodeProcess, RedisProcess, node_roles
+
+from node.router import shard_of  # the same key placement as the node
 
 SUITE = "node"
 ACCOUNTS = 10_000
@@ -148,10 +150,12 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
 
 
-def shardkv_latency(conn: Conn, n: int, rng: random.Random) -> dict:
+def shardkv_latency(conn: Conn, n: int, rng: random.Random, shards: int) -> dict:
     """One request per round trip: the commit (`txn` with read versions) alone, and the
-    whole transfer (get + txn). Seconds, every sample."""
+    whole transfer (get + txn). Seconds, every sample; the commits are also kept apart by
+    kind: both accounts on one shard (one shard round trip) or on two (two-phase commit)."""
     txn_samples, transfer_samples = [], []
+    by_kind = {"single-shard": [], "cross-shard": []}
     for _ in range(n):
         a, b = (account(i) for i in rng.sample(range(ACCOUNTS), 2))
         t0 = time.perf_counter()
@@ -165,7 +169,8 @@ def shardkv_latency(conn: Conn, n: int, rng: random.Random) -> dict:
             raise RuntimeError(f"latency txn failed: {reply}")
         txn_samples.append(t2 - t1)
         transfer_samples.append(t2 - t0)
-    return {"txn": txn_samples, "transfer": transfer_samples}
+        by_kind["single-shard" if shard_of(a, shards) == shard_of(b, shards) else "cross-shard"].append(t2 - t1)
+    return {"txn": txn_samples, "transfer": transfer_samples, **by_kind}
 
 
 # -- Redis --------------------------------------------------------------------------------------
@@ -255,7 +260,7 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
                 scaling[shards] = best
                 if shards == main_shards:
                     main_result = best
-                    main_lat = shardkv_latency(conn, s.latency_txns, rng)
+                    main_lat = shardkv_latency(conn, s.latency_txns, rng, shards)
                     stats = conn.call("stats")
                     report.series["node_stats"] = stats
                 total = total_balance(conn)
@@ -291,6 +296,13 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
                               percentile(main_lat["txn"], q) * 1000, "ms", peer="Redis EVALSHA",
                               peer_value=percentile(redis_lat["txn"], q) * 1000, higher_is_better=False,
                               target=2.0 if pct == 99 else None))
+        for kind in ("single-shard", "cross-shard"):
+            if len(main_lat[kind]) >= 20:
+                for q in (0.5, 0.99):
+                    report.add(Figure(SUITE, f"single txn latency P{int(q * 100)}, {kind} txns only ({main_shards} shards)",
+                                      percentile(main_lat[kind], q) * 1000, "ms", peer="Redis EVALSHA",
+                                      peer_value=percentile(redis_lat["txn"], q) * 1000, higher_is_better=False,
+                                      note=f"{len(main_lat[kind])} of {len(main_lat['txn'])} samples"))
         for q in (0.5, 0.99):
             pct = int(q * 100)
             report.add(Figure(SUITE, f"ZeroMQ echo round trip P{pct} (transport floor: no work)",
