@@ -1,4 +1,5 @@
-"""Router: the client ROUTER socket, one DEALER per shard, the ts oracle, 2PC, the barrier.
+"""Router: the client ROUTER socket, one Unix-socket stream per shard (shard/link.py), the
+ts oracle, 2PC, the barrier.
 
     python -m node.router --spec '{"role": "router", "shards": 2, "data_dir": ...,
                                    "run_dir": ..., "config": {...}}'
@@ -37,6 +38,7 @@ from node.security import secure_client_socket
 from node.timestamps import TimestampOracle
 from shard import messages as m
 from shard.histogram import Histogram, RateWindow, summary_ms
+from shard.link import POLLOUT, connect
 from shard.worker import (EXIT_FATAL, ProcessProfile, SignalPipe, SupervisorLink, parse_spec,
                           set_parent_death_signal, tune_gc)
 
@@ -72,11 +74,12 @@ def socket_frame_cap(max_frame_bytes: int) -> int:
 
 
 class ShardLink:
-    """The router's view of one shard: socket, incarnation, state, unsent messages."""
+    """The router's view of one shard: connection, incarnation, state, unsent messages."""
 
-    def __init__(self, index: int, sock):
+    def __init__(self, index: int, path: str):
         self.index = index
-        self.sock = sock
+        self.path = path           # the shard's Unix socket (shard/link.py)
+        self.conn = None           # FrameStream while connected, else None
         self.inc = None
         self.state = "down"        # down -> resolving -> up
         self.last_pong = time.monotonic()
@@ -223,19 +226,13 @@ class Router:
             sys.stderr.write(f"router: cannot boot: {exc}\n")
             self.status.fatal(f"router: {type(exc).__name__}: {exc}")
             sys.exit(EXIT_FATAL)
-        for i in range(self.nshards):
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)   # no queueing towards a shard that is gone
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.connect(f"ipc://{self.run_dir}/shard-{i}.sock")
-            self.links.append(ShardLink(i, sock))
         self.signals = SignalPipe()
         self.poller = zmq.Poller()
-        for link in self.links:
-            self.poller.register(link.sock, zmq.POLLIN)
         self.poller.register(self.signals.r, zmq.POLLIN)
+        for i in range(self.nshards):
+            link = ShardLink(i, os.path.join(self.run_dir, f"shard-{i}.sock"))
+            self.links.append(link)
+            self.connect_link(link)
 
     def run(self) -> int:
         with ProcessProfile("router"):
@@ -264,7 +261,8 @@ class Router:
                     break
         self.flush_outboxes()
         for link in self.links:
-            link.sock.close()
+            if link.conn is not None:
+                link.conn.close()
         self.client.close()
         if self.auth is not None:
             self.auth.stop()
@@ -277,8 +275,8 @@ class Router:
             for _ in self.signals.drain():
                 self.stopping = True
         for link in self.links:
-            if link.sock in events:
-                self.drain_shard(link)
+            if link.conn is not None and link.conn.fd in events:
+                self.drain_shard(link, events[link.conn.fd])
         if self.ready and self.client in events:
             if self.stopping:
                 self.refuse_clients()
@@ -382,18 +380,38 @@ class Router:
                 continue
             box, link.outbox = link.outbox, []
             frame = m.pack(box[0] if len(box) == 1 else {"op": m.MULTI, "msgs": box})
-            try:
-                link.sock.send(frame, zmq.NOBLOCK)
-            except zmq.ZMQError:
-                for msg in box:   # not connected: fail these now rather than at the timeout
-                    self.complete(msg["rid"], m.error(msg["rid"], m.STALE_INC, "shard not connected", True))
+            conn = link.conn
+            if conn is not None and conn.send(frame):
+                conn.sync_poller(self.poller)
+                continue
+            if conn is not None:
+                self.drop_conn(link)
+            for msg in box:   # not connected: never sent, so not executed; fail them now
+                self.complete(msg["rid"], m.error(msg["rid"], m.STALE_INC, "shard not connected", True))
 
-    def drain_shard(self, link: ShardLink) -> None:
-        while True:
-            try:
-                frame = link.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+    def connect_link(self, link: ShardLink) -> None:
+        """Connect to the shard's socket if it listens (at boot, then with every ping)."""
+        try:
+            link.conn = connect(link.path)
+        except OSError as exc:
+            sys.stderr.write(f"router: cannot connect to shard {link.index}: {exc}\n")
+            link.conn = None
+        if link.conn is not None:
+            link.conn.sync_poller(self.poller)
+
+    def drop_conn(self, link: ShardLink) -> None:
+        """The connection ended (the shard process exited or was killed): nothing pending
+        there can be answered any more, so fail it now instead of at the timeout."""
+        conn, link.conn = link.conn, None
+        conn.close()
+        if link.pending or link.outbox:
+            self.fail_link(link, f"shard {link.index} connection closed")
+
+    def drain_shard(self, link: ShardLink, flags: int) -> None:
+        conn = link.conn
+        if flags & POLLOUT:
+            conn.flush_out()
+        for frame in conn.read_frames():
             try:
                 replies = m.replies_of(m.unpack(frame))
             except Exception:
@@ -401,6 +419,11 @@ class Router:
             for reply in replies:
                 if isinstance(reply, dict):
                     self.complete(reply.get("rid"), reply)
+        if conn.closed:
+            if link.conn is conn:
+                self.drop_conn(link)
+        elif link.conn is conn:
+            conn.sync_poller(self.poller)
 
     def complete(self, rid, reply: dict) -> None:
         entry = self.pending.pop(rid, None)
@@ -435,6 +458,8 @@ class Router:
             for link in self.links:
                 if link.inc is not None and link.state != "down" and now - link.last_pong > self.shard_timeout:
                     self.fail_link(link, f"shard {link.index} did not answer pings")
+                if link.conn is None:
+                    self.connect_link(link)
                 self.send(link, {"op": m.PING}, lambda reply, link=link: self.on_pong(link, reply))
             if os.getppid() != self.parent:
                 self.stopping = True

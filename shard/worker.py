@@ -3,9 +3,11 @@
     python -m shard.worker --spec '{"role": "shard", "shard": 0, "shards": 2,
                                     "data_dir": ..., "run_dir": ..., "config": {...}}'
 
-One loop pass: poll (timeout), drain up to MAX_DRAIN frames from the router, dispatch each
-message to handle_<op>, engine.sync() once (group commit), send every reply of the pass
-(one frame per peer), then run one step of any flush/prune job. Nothing is acknowledged
+The router connects over a Unix domain socket (shard/link.py: length-prefixed frames;
+the client side of the node is ZeroMQ, this internal hop is not, for latency). One loop
+pass: poll (timeout), accept new peers, read what each peer sent (a bounded number of
+bytes), dispatch each message to handle_<op>, engine.sync() once (group commit), send
+every reply of the pass (one frame per peer), then run one step of any flush/prune job. Nothing is acknowledged
 or shown before the sync. Reads meeting a key prepared at or below their snapshot are
 deferred (the snapshot pinned) and retried after each commit_prepared/abort_prepared,
 until `router.read_wait_secs`, then answered `unavailable`.
@@ -28,13 +30,13 @@ from bisect import bisect_left
 import zmq
 
 from shard import messages as m
+from shard.link import POLLOUT, FrameListener
 from shard.config import EngineConfig
 from shard.engine import ShardEngine
 from shard.errors import Blocked, BadRequest, Conflict, TooOld
 from shard.histogram import Histogram, quantile
 
 EXIT_FATAL = 78           # boot failed for a non-transient reason: do not respawn
-MAX_DRAIN = 512           # frames taken from the socket per loop pass
 POLL_MS = 50              # idle poll timeout (timers run at least this often)
 TPS_WINDOW_SECS = 5.0
 
@@ -173,7 +175,7 @@ class ShardWorker:
         self.config = spec["config"]
         self.path = os.path.join(spec["data_dir"], f"shard-{self.shard}")
         self.run_dir = spec["run_dir"]
-        self.endpoint = f"ipc://{self.run_dir}/shard-{self.shard}.sock"
+        self.endpoint = os.path.join(self.run_dir, f"shard-{self.shard}.sock")
         self.inc = secrets.token_hex(8)      # incarnation: new on every start
         router_cfg = self.config.get("router", {})
         self.read_wait = float(router_cfg.get("read_wait_secs", 1.0))
@@ -183,13 +185,14 @@ class ShardWorker:
         self.auto_prune_secs = float(prune_cfg.get("auto_interval_secs", 0))
         self.engine = None
         self.ctx = zmq.Context.instance()
-        self.sock = None
+        self.listener = None
+        self.peers = {}              # fd -> connected FrameStream (the router; tests)
         self.status = None
         self.signals = None
         self.parent = os.getppid()
         self.stopping = False
         # per-pass state
-        self.out = {}                # peer identity -> [reply, ...]
+        self.out = {}                # peer stream -> [reply, ...]
         self.durable_waits = []      # receive times of commit-path messages this pass
         self.unblocked = False       # a commit_prepared/abort_prepared ran this pass
         self.deferred = []           # [Deferred]
@@ -211,18 +214,14 @@ class ShardWorker:
         try:
             self.engine = ShardEngine.open(self.path, self.shard, self.shards,
                                            EngineConfig.from_dict(self.config))
-            self.sock = self.ctx.socket(zmq.ROUTER)
-            self.sock.setsockopt(zmq.LINGER, 0)
-            self.sock.setsockopt(zmq.SNDHWM, 0)
-            self.sock.setsockopt(zmq.RCVHWM, 0)
-            self.sock.bind(self.endpoint)
+            self.listener = FrameListener(self.endpoint)
         except Exception as exc:  # every boot failure here is non-transient: halt, report
             sys.stderr.write(f"shard {self.shard}: cannot boot: {exc}\n")
             self.status.fatal(f"shard {self.shard}: {type(exc).__name__}: {exc}")
             sys.exit(EXIT_FATAL)
         self.signals = SignalPipe()
         self.poller = zmq.Poller()
-        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.listener.fd, zmq.POLLIN)
         self.poller.register(self.signals.r, zmq.POLLIN)
         if self.config.get("flush", {}).get("flush_on_start", True):
             self.start_flush()
@@ -247,7 +246,9 @@ class ShardWorker:
         self.send_replies()
         self.engine.flush()
         self.engine.close()
-        self.sock.close()
+        for peer in list(self.peers.values()):
+            peer.close()
+        self.listener.close()
         self.status.close()
 
     # -- the loop
@@ -258,13 +259,21 @@ class ShardWorker:
         if self.signals.r in events:
             for sig in self.signals.drain():
                 self.handle_signal(sig)
-        if self.sock in events:
-            for _ in range(MAX_DRAIN):
-                try:
-                    peer, frame = self.sock.recv_multipart(zmq.NOBLOCK)[-2:]
-                except zmq.Again:
-                    break
-                self.handle_frame(peer, frame, time.monotonic())
+        if self.listener.fd in events:
+            for peer in self.listener.accept():
+                self.peers[peer.fd] = peer
+                peer.sync_poller(self.poller)
+        for fd, flags in events.items():
+            peer = self.peers.get(fd)
+            if peer is None:
+                continue
+            if flags & POLLOUT:
+                peer.flush_out()
+            received = time.monotonic()
+            for frame in peer.read_frames():
+                self.handle_frame(peer, frame, received)
+            if peer.closed:
+                self.drop_peer(peer)
         now = self.finish_pass()
         if self.flush_job is not None or self.prune_job is not None:
             # One flush/prune chunk, after this pass's replies are out, so a chunk of
@@ -362,11 +371,16 @@ class ShardWorker:
     def send_replies(self) -> None:
         for peer, replies in self.out.items():
             frame = m.pack(replies[0] if len(replies) == 1 else {"replies": replies})
-            try:
-                self.sock.send_multipart([peer, frame], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # the router went away; it will time these out
+            if peer.send(frame):   # False: the router went away; it times these out
+                peer.sync_poller(self.poller)
+            else:
+                self.drop_peer(peer)
         self.out.clear()
+
+    def drop_peer(self, peer) -> None:
+        peer.close()
+        if self.peers.get(peer.fd) is peer:
+            del self.peers[peer.fd]
 
     # -- handlers: each returns a reply dict, or None when it answers later
 

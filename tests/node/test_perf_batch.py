@@ -1,12 +1,12 @@
 """Behaviour of the batched hot path (router `txns` messages, the dispatch of batches
 whose entries share no key, piggybacked forgets) through real router + shard processes.
 No timing: only what a client and a shard can observe."""
+import os
 import time
-
-import zmq
 
 from node.router import shard_of
 from shard import messages as m
+from shard.link import FrameClient
 
 
 def pairs_across_shards(n, shards=2, prefix="t"):
@@ -59,11 +59,8 @@ def test_outcome_records_are_forgotten_without_further_txn_traffic(cluster):
     pairs = pairs_across_shards(20, prefix="f")
     results = c.ok("batch", txns=[{"writes": [[a, b"1"], [b, b"1"]]} for a, b in pairs])["results"]
     txn_ids = [r["commit_ts"] for r in results]      # a 2PC txn's id is its commit_ts
-    ctx = zmq.Context.instance()
     for s in range(2):
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"ipc://{cluster.run_dir}/shard-{s}.sock")
+        sock = FrameClient(os.path.join(cluster.run_dir, f"shard-{s}.sock"))
         try:
             inc = None
             outcomes = None
@@ -94,10 +91,7 @@ def test_outcome_records_are_forgotten_without_further_txn_traffic(cluster):
 def test_txns_message_answers_each_item_and_rejects_a_stale_incarnation(cluster):
     """The shard side of `txns`: one result per item in order, a bad item does not stop
     the others, and a message for another incarnation executes nothing."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"ipc://{cluster.run_dir}/shard-0.sock")
+    sock = FrameClient(os.path.join(cluster.run_dir, "shard-0.sock"))
     try:
         def call(msg):
             sock.send(m.pack(msg))
