@@ -1,5 +1,5 @@
 """The flush's hand-written row encoder builds exactly keycodec's rows, and a flush split
-in two SST files (the first built in the background) writes exactly those rows too."""
+in two (the first half flushed in the background) writes exactly those rows too."""
 from hypothesis import given, settings, strategies as st
 
 import shard.flush as flush_module
@@ -95,19 +95,31 @@ def _reads_from(memtable, names, at):
     return out
 
 
-def _level0_files(e) -> int:
-    return e.storage.property_int("rocksdb.num-files-at-level0")
+def _spy_flushes(e) -> list:
+    """[(versions written when called, wait), ...] of the engine's storage.flush calls."""
+    calls = []
+    real = e.storage.flush
+
+    def flush(cfs, wait=True):
+        calls.append((e.flush_job.ops, wait))
+        return real(cfs, wait)
+    e.storage.flush = flush
+    return calls
 
 
-def test_split_flush_writes_keycodec_rows_in_two_sst_files(open_engine, monkeypatch):
+def test_split_flush_writes_keycodec_rows(open_engine, monkeypatch):
     monkeypatch.setattr(flush_module, "SPLIT_MIN_VERSIONS", 100)
     e = open_engine()
     names = _split_workload(e)
     memtable = {k: list(chain) for k, chain in e.active.items()}
+    calls = _spy_flushes(e)
     result = e.flush()
     assert result["keys"] == 60
     assert list(e.storage.iterate("data")) == sorted(expected_rows(memtable))
-    assert _level0_files(e) == 2                   # the background half + the rest
+    # the background flush started once half of the 180 versions were written (chunks of
+    # at most 8 keys x 3 versions), then the finishing flush waited
+    assert len(calls) == 2 and 90 <= calls[0][0] < 90 + 24 and calls[0][1] is False
+    assert calls[1] == (180, True)
     for at in (1, 2, 3):
         assert e.read(names, at) == _reads_from(memtable, names, at)
 
@@ -116,8 +128,9 @@ def test_small_flush_is_not_split(open_engine, monkeypatch):
     monkeypatch.setattr(flush_module, "SPLIT_MIN_VERSIONS", 1000)
     e = open_engine()
     _split_workload(e)
+    calls = _spy_flushes(e)
     e.flush()
-    assert _level0_files(e) == 1
+    assert calls == [(180, True)]
 
 
 def test_crash_after_the_background_half_recovers_the_same_data(open_engine, monkeypatch, tmp_path):
