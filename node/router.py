@@ -17,7 +17,7 @@ sees messages in allocation order. Reads use S = last allocated ts.
 
 2PC: txn id = its ts T (unique, never reused). prepare(T) to all participants; all ok ->
 commit_prepared to all (the decision is durable once one shard holds outcome/T); reply
-after the acks; forget once every participant acked. Recovery (router start, or a shard
+after the first ack; forget once every participant acked. Recovery (router start, or a shard
 with a new incarnation or back from silence): a prepared txn commits iff some participant
 has an outcome record for it, else it is aborted; a shard gets no other message until
 its prepared txns are resolved.
@@ -923,18 +923,20 @@ class Router:
             self.check_barriers()
 
     def on_commit_ack(self, txn: TwoPC, shard: int, e) -> None:
-        """One participant's commit_prepared result; answer once all are in (the commit
-        is durable as soon as one participant holds its outcome record)."""
+        """One participant's commit_prepared result. The first success answers: the commit
+        is durable once one participant holds its outcome record (recovery commits it
+        everywhere from there), and a read of a participant that has not applied it yet
+        waits on the prepared key, so answering before the slower participant is safe and
+        keeps one slow shard out of the txn's latency."""
         txn.acks_waiting -= 1
         if e is None:
-            txn.any_ack = True
             self.commit_acked(txn, shard)
-        if txn.acks_waiting == 0:
-            if txn.any_ack:
+            if not txn.any_ack:
+                txn.any_ack = True
                 self.entry_done(txn.owner, txn.index, {"ok": True, "commit_ts": txn.ts})
-            else:
-                self.entry_done(txn.owner, txn.index, {"ok": False, "error": unavailable(
-                    "commit not acknowledged", outcome="unknown")})
+        elif txn.acks_waiting == 0 and not txn.any_ack:
+            self.entry_done(txn.owner, txn.index, {"ok": False, "error": unavailable(
+                "commit not acknowledged", outcome="unknown")})
 
     def commit_acked(self, txn: TwoPC, shard: int) -> None:
         txn.unacked.discard(shard)

@@ -5,7 +5,9 @@ Same client process, same run: bank transfers between 10,000 accounts.
   transfers with their read versions; `rounds_in_flight` rounds pipelined on one DEALER.
 - Redis: a Lua transfer script, EVALSHA pipelined 100 per round trip (redis-py).
 Then single-request latency (one txn / one EVALSHA per round trip) and shardkv
-throughput for 1, 2 and 4 shards.
+throughput for 1, 2 and 4 shards. The latency floor of the transport is measured in the
+same run too: a ZeroMQ echo through a process that does nothing else (EchoProcess), from
+the same client code, so the report shows how much of a node round trip is ZeroMQ alone.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import time
 from pathlib import Path
 
 from benchlib import Figure, Report, log, plot_bars, plot_lines, profiled
-from procs import Conn, NodeProcess, RedisProcess
+from procs import Conn, EchoProcess, NodeProcess, RedisProcess
 
 SUITE = "node"
 ACCOUNTS = 10_000
@@ -105,6 +107,24 @@ def shardkv_transfers(conn: Conn, seconds: float, in_flight: int, rng: random.Ra
     elapsed = time.perf_counter() - started
     return {"tps": committed / elapsed, "committed": committed, "conflicts": conflicts,
             "errors": errors, "rounds": rounds, "seconds": elapsed}
+
+
+def echo_latency(n: int) -> dict:
+    """Round trips of a ~100-byte frame to EchoProcess with the benchmark's own Conn."""
+    echo = EchoProcess()
+    conn = Conn(echo.endpoint)
+    try:
+        frame = b"x" * 100
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            conn.sock.send(frame)
+            conn.recv_raw()
+            samples.append(time.perf_counter() - t0)
+        return {"echo": samples}
+    finally:
+        conn.close()
+        echo.stop()
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -196,6 +216,7 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
                              key=lambda r: r["tps"])
             log(f"redis {redis_proc.version}: {redis_best['tps']:,.0f} transfers/s")
             redis_lat = redis_latency(redis_proc.client, sha, s.latency_txns, rng)
+            echo_lat = echo_latency(s.latency_txns)
             assert redis_total(redis_proc.client) == ACCOUNTS * INITIAL, "redis lost money"
         finally:
             redis_proc.stop()
@@ -247,16 +268,22 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
                               peer_value=percentile(redis_lat["txn"], q) * 1000, higher_is_better=False,
                               target=2.0 if pct == 99 else None))
         for q in (0.5, 0.99):
+            pct = int(q * 100)
+            report.add(Figure(SUITE, f"ZeroMQ echo round trip P{pct} (transport floor: no work)",
+                              percentile(echo_lat["echo"], q) * 1000, "ms", peer="Redis EVALSHA",
+                              peer_value=percentile(redis_lat["txn"], q) * 1000, higher_is_better=False,
+                              note="what one client round trip over ZeroMQ costs before any work"))
+        for q in (0.5, 0.99):
             report.add(Figure(SUITE, f"transfer latency get+txn P{int(q * 100)} ({main_shards} shards)",
                               percentile(main_lat["transfer"], q) * 1000, "ms", peer="Redis EVALSHA",
                               peer_value=percentile(redis_lat["txn"], q) * 1000, higher_is_better=False))
         report.series["node_throughput"] = {"redis": redis_best, "shardkv": {str(k): v for k, v in scaling.items()}}
-        report.series["node_latency"] = {"shardkv": main_lat, "redis": redis_lat}
+        report.series["node_latency"] = {"shardkv": main_lat, "redis": redis_lat, "echo": echo_lat}
         bars = {"Redis AOF Lua": rtps}
         bars.update({f"shardkv {k} shard(s)": v["tps"] for k, v in scaling.items()})
         plot_bars(report, "node_throughput.png", "Bank transfers/s, 10,000 accounts, one Python client", bars,
                   "transfers/s")
-        _plot_latency(report, main_lat, redis_lat)
+        _plot_latency(report, main_lat, redis_lat, echo_lat)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -267,10 +294,11 @@ def node_available() -> bool:
                for m in ("supervisor.main", "node.router", "shard.worker", "shard.engine"))
 
 
-def _plot_latency(report: Report, lat: dict, redis_lat: dict) -> None:
+def _plot_latency(report: Report, lat: dict, redis_lat: dict, echo_lat: dict) -> None:
     qs = [0.5, 0.75, 0.9, 0.95, 0.99, 0.999]
     xs = [q * 100 for q in qs]
     plot_lines(report, "node_latency.png", "Single-request latency by percentile", "percentile",
                {"shardkv txn": (xs, [percentile(lat["txn"], q) * 1000 for q in qs]),
                 "shardkv get+txn": (xs, [percentile(lat["transfer"], q) * 1000 for q in qs]),
-                "Redis EVALSHA": (xs, [percentile(redis_lat["txn"], q) * 1000 for q in qs])}, "ms")
+                "Redis EVALSHA": (xs, [percentile(redis_lat["txn"], q) * 1000 for q in qs]),
+                "ZeroMQ echo (no work)": (xs, [percentile(echo_lat["echo"], q) * 1000 for q in qs])}, "ms")

@@ -68,6 +68,37 @@ class NodeProcess:
         return self.proc.returncode
 
 
+ECHO_SERVER = """
+import sys, time, zmq
+sock = zmq.Context().socket(zmq.ROUTER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.bind(sys.argv[1])
+print("ready", flush=True)
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:        # bounded in time; the bench stops it earlier
+    if sock.poll(200):
+        sock.send_multipart(sock.recv_multipart())
+"""
+
+
+class EchoProcess:
+    """The transport floor of a node round trip: a Python process whose ZeroMQ ROUTER
+    sends every frame straight back (no decoding, no work), on a free loopback port."""
+
+    def __init__(self, max_seconds: float = 600.0):
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, self.endpoint, str(max_seconds)],
+                                     stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.stop()
+            raise RuntimeError("echo server did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
 class RedisProcess:
     """redis-server with AOF `appendfsync everysec`, no RDB snapshots, on a free port."""
 
@@ -129,10 +160,13 @@ class Conn:
         self.sock.send(self._pack(fields), copy=False)
         return rid
 
-    def recv(self) -> dict:
+    def recv_raw(self):
         if not self.sock.poll(self.timeout_ms):
             raise TimeoutError(f"no reply within {self.timeout_ms} ms")
-        return msgpack.unpackb(self.sock.recv(copy=False), raw=False)
+        return self.sock.recv(copy=False)
+
+    def recv(self) -> dict:
+        return msgpack.unpackb(self.recv_raw(), raw=False)
 
     def call(self, op: str, **fields) -> dict:
         rid = self.send(op, **fields)

@@ -27,6 +27,9 @@ def test_node_quick_compares_with_redis_and_writes_the_report(tmp_path):
     assert any(n.startswith("transfers/s, 1 shard") for n in names)
     assert any(n.startswith("single txn latency P99") for n in names)
     assert any(n.startswith("single txn latency P50") for n in names)
+    floor = next(f for f in doc["figures"] if f["name"].startswith("ZeroMQ echo round trip P99"))
+    assert floor["value"] > 0 and floor["peer"].startswith("Redis")
+    assert len(doc["series"]["node_latency"]["echo"]["echo"]) > 0
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| node |")]
     assert len(rows) == len(doc["figures"])
     for png in ("node_throughput.png", "node_latency.png"):
