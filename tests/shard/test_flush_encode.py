@@ -1,10 +1,20 @@
 """The flush's hand-written row encoder builds exactly keycodec's rows, and a flush split
 in two (the first half flushed in the background) writes exactly those rows too."""
+from collections import OrderedDict
+
+import pytest
 from hypothesis import given, settings, strategies as st
 
 import shard.flush as flush_module
-from shard.flush import encode_rows
+from shard.flush import native_encode_rows, python_encode_rows
 from shard.keycodec import tag, version_key
+
+# Both encoders must build the same rows: the C one (shard/_rowcodec.c, used by the flush
+# when built) and the Python reference. Without a C compiler at install time only the
+# Python one exists, and the flush uses it.
+ENCODERS = [pytest.param(python_encode_rows, id="python"),
+            pytest.param(native_encode_rows, id="native", marks=pytest.mark.skipif(
+                native_encode_rows is None, reason="shard._rowcodec not built (no C compiler)"))]
 
 # Keys drawn from a small alphabet that includes 0x00 and 0xff, so escapes are common.
 keys = st.binary(min_size=1, max_size=12) | st.lists(
@@ -20,15 +30,18 @@ def expected_rows(memtable):
             for key, chain in memtable.items() for ts, value in chain]
 
 
+@pytest.mark.parametrize("encode_rows", ENCODERS)
 @given(memtables)
-def test_encode_rows_matches_keycodec(memtable):
-    taken, vkeys, values = encode_rows(iter(memtable.items()))
+def test_encode_rows_matches_keycodec(encode_rows, memtable):
+    taken, vkeys, values, nbytes = encode_rows(iter(memtable.items()))
     assert taken == len(memtable)
     assert list(zip(vkeys, values)) == expected_rows(memtable)
+    assert nbytes == sum(len(k) + len(v) for k, v in expected_rows(memtable))
 
 
+@pytest.mark.parametrize("encode_rows", ENCODERS)
 @given(memtables, st.integers(1, 5), st.data())
-def test_chunked_encode_with_cache_and_pruned_chains(memtable, chunk, data):
+def test_chunked_encode_with_cache_and_pruned_chains(encode_rows, memtable, chunk, data):
     """Chunk by chunk, as FlushJob does, while a prune replaces chains that were not
     reached yet by their survivors (the newest version always survives): the rows are
     keycodec's rows of the chains as they are when their chunk is encoded, and every
@@ -45,7 +58,7 @@ def test_chunked_encode_with_cache_and_pruned_chains(memtable, chunk, data):
         if pending:
             victim = data.draw(st.sampled_from(pending))
             memtable[victim] = memtable[victim][-1:]
-        taken, vkeys, vals = encode_rows(islice(items, chunk), cached)
+        taken, vkeys, vals, _ = encode_rows(islice(items, chunk), cached)
         seen += keys_in_order[len(seen):len(seen) + taken]
         rows += zip(vkeys, vals)
         if taken < chunk:
@@ -55,12 +68,58 @@ def test_chunked_encode_with_cache_and_pruned_chains(memtable, chunk, data):
     assert cached == {key: memtable[key][-1] for key in cached}
 
 
-def test_encode_rows_escapes_zero_bytes_and_tags_tombstones():
-    taken, vkeys, values = encode_rows(iter([(b"a\x00b", [(1, None), (2, b"")])]))
-    assert taken == 1
+@pytest.mark.parametrize("encode_rows", ENCODERS)
+def test_encode_rows_escapes_zero_bytes_and_tags_tombstones(encode_rows):
+    taken, vkeys, values, nbytes = encode_rows(iter([(b"a\x00b", [(1, None), (2, b"")])]))
+    assert taken == 1 and nbytes == 2 * 14 + 1 + 1
     assert vkeys == [b"a\x00\xffb\x00\x01" + (2**64 - 2).to_bytes(8, "big"),
                      b"a\x00\xffb\x00\x01" + (2**64 - 3).to_bytes(8, "big")]
     assert values == [b"\x00", b"\x01"]
+
+
+@pytest.mark.parametrize("encode_rows", ENCODERS)
+def test_cache_update_keeps_the_lru_order_and_long_keys_work(encode_rows):
+    """The row cache is an OrderedDict (LRU): updating a present key must not move it or
+    add absent ones. A key longer than the C encoder's stack buffer takes its heap path."""
+    long_key = b"\x00k" * 600
+    cache = OrderedDict([(b"b", (0, None)), (long_key, (0, None)), (b"a", (0, None))])
+    memtable = {b"a": [(3, b"x"), (4, None)], long_key: [(5, b"y")], b"c": [(6, b"z")]}
+    taken, vkeys, values, _ = encode_rows(iter(memtable.items()), cache)
+    assert taken == 3 and list(zip(vkeys, values)) == expected_rows(memtable)
+    assert list(cache.items()) == [(b"b", (0, None)), (long_key, (5, b"y")), (b"a", (4, None))]
+    cache.move_to_end(b"b")                                  # the LRU's own operations still work
+    assert cache.popitem(last=False) == (long_key, (5, b"y"))
+    assert list(cache) == [b"a", b"b"] and cache[b"a"] == (4, None)
+
+
+@pytest.mark.parametrize("items", [
+    [(b"k", [(1, "str value")])],          # a value that is not bytes
+    [(b"k", [(-1, b"v")])],                # a ts outside 0..2**64-1
+    [(b"k", [(2**64, b"v")])],
+    [(b"k", [(1,)])],                      # a version that is not a pair
+    [(b"k", "not a list")],
+    [("str key", [(1, b"v")])],
+    [b"not a pair"],
+])
+def test_native_encoder_refuses_what_the_engine_never_stores(items):
+    """The C encoder raises (it does not crash or write garbage) on input the engine's
+    validation keeps out of memtables."""
+    if native_encode_rows is None:
+        pytest.skip("shard._rowcodec not built (no C compiler)")
+    with pytest.raises((TypeError, OverflowError, ValueError)):
+        native_encode_rows(iter(items))
+
+
+def test_the_native_encoder_is_built_where_a_compiler_is_and_the_flush_uses_it():
+    """A machine with a C compiler (CI's has gcc) must get the C encoder from the install;
+    a silent fallback would only show as a slower flush."""
+    import shutil
+    import sysconfig
+    compiler = shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0])
+    if compiler is None:
+        pytest.skip("no C compiler here: the Python encoder is the expected one")
+    assert native_encode_rows is not None, f"{compiler} exists but shard._rowcodec was not built"
+    assert flush_module.encode_rows is native_encode_rows and flush_module.ENCODER == "native"
 
 
 def test_flush_keeps_cached_rows_current(open_engine):
