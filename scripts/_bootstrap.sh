@@ -1,6 +1,6 @@
 # Sourced by scripts/node, scripts/test, scripts/bench, scripts/soak.
 # Creates .venv at the repo root on first use and (re)installs the project only when
-# pyproject.toml, setup.py or the C source changed, so a second start costs no pip call.
+# pyproject.toml or the C source changed, so a second start costs no pip call.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -10,7 +10,7 @@ bootstrap_venv() {
     local extras="${1:-}"
     local want
     # What the install builds from: a change to any of these reinstalls (and recompiles).
-    want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT"/shard/*.c | sha256sum | cut -d' ' -f1)"
+    want="$(cat "$ROOT/pyproject.toml" "$ROOT"/shard/*.c | sha256sum | cut -d' ' -f1)"
     # Fast path (every start after the first): no lock, no pip.
     if _venv_current "$extras" "$want"; then return 0; fi
     # Several scripts may start at once on a fresh clone (tests start nodes in parallel):

@@ -96,7 +96,7 @@ def python_encode_rows(items, cached=None) -> tuple[int, list, list, int]:
     return taken, vkeys, values, len(b"".join(vkeys)) + sum(map(len, values))
 
 
-# The flush uses the C encoder when it is built (setup.py, optional): the same rows
+# The flush uses the C encoder when it is built (pyproject.toml ext-modules, optional): the same rows
 # (tests/shard/test_flush_encode.py checks both against keycodec), a fraction of the time.
 try:
     from ._rowcodec import encode_rows as native_encode_rows
