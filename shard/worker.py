@@ -269,6 +269,7 @@ class ShardWorker:
                 continue
             if flags & POLLOUT:
                 peer.flush_out()
+                peer.sync_poller(self.poller)   # drained: stop asking for POLLOUT
             received = time.monotonic()
             for frame in peer.read_frames():
                 self.handle_frame(peer, frame, received)
