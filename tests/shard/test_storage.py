@@ -67,3 +67,19 @@ def test_write_pairs_puts_into_the_named_column_family_only(storage):
     storage.write_pairs("meta", [b"a"], [b"m"], wal=True)
     assert [(k, v) for k, v in storage.iterate("data")] == [(b"a", b"1"), (b"b\x00", b"\x00")]
     assert storage.get("meta", b"a") == b"m" and storage.get("log", b"a") is None
+
+
+def test_restarts_do_not_pile_up_rocksdb_info_logs(tmp_path):
+    """Every open starts a new RocksDB info LOG; a shard restarted again and again (crash
+    loops, the soak's SIGKILLs) must not keep them all: the directory stays bounded."""
+    from shard.storage import INFO_LOG_FILES_KEPT
+    path = str(tmp_path / "db")
+    for i in range(12):
+        s = open_db(path)
+        s.put("meta", b"k", b"%d" % i)
+        s.close()
+    logs = [p.name for p in (tmp_path / "db").iterdir() if p.name.startswith("LOG")]
+    assert "LOG" in logs and len(logs) <= INFO_LOG_FILES_KEPT, logs
+    s = open_db(path)
+    assert s.get("meta", b"k") == b"11"
+    s.close()
