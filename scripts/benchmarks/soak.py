@@ -70,6 +70,21 @@ def soak_config(path: Path, args) -> Path:
     return path
 
 
+def first_and_last_third(rows: list, field: str) -> tuple[float, float]:
+    """Mean of `field` over the first and over the last third of the samples."""
+    third = len(rows) // 3
+    return (sum(r[field] for r in rows[:third]) / third,
+            sum(r[field] for r in rows[-third:]) / third)
+
+
+def disk_grows(early: float, late: float) -> bool:
+    """With pruning on and a fixed set of accounts the data dir levels off; flushes,
+    compactions and checkpoints only make it swing. A 45-minute run whose restarts each
+    left a RocksDB info LOG behind went 174 -> 402 MiB (third means after warm-up) and
+    passed the old rule (3x + 128 MiB); healthy runs stay within a few tens of MiB."""
+    return late > 1.5 * early + 64 * 2**20
+
+
 class Violations(list):
     def add(self, what: str, detail: str) -> None:
         self.append({"invariant": what, "detail": detail, "at": time.time()})
@@ -358,17 +373,14 @@ class Soak:
         if peak_disk > a.max_disk_mb * 2**20:
             self.violations.add("bounded disk", f"peak {peak_disk / 2**20:.0f} MiB > {a.max_disk_mb} MiB")
         if len(rows) >= 6:
-            third = len(rows) // 3
-            early = sum(r["rss_total"] for r in rows[:third]) / third
-            late = sum(r["rss_total"] for r in rows[-third:]) / third
+            early, late = first_and_last_third(rows, "rss_total")
             # Growth must be both relative and absolute to count: a restarted shard or an
             # allocator's slack moves RSS by a few MiB without any leak.
             if late > early * (1 + a.rss_growth) and late - early > 64 * 2**20:
                 self.violations.add("no RSS upward trend",
                                     f"mean RSS {early / 2**20:.0f} MiB -> {late / 2**20:.0f} MiB")
-            early_d = sum(r["disk_bytes"] for r in rows[:third]) / third
-            late_d = sum(r["disk_bytes"] for r in rows[-third:]) / third
-            if late_d > 3 * early_d + 128 * 2**20:
+            early_d, late_d = first_and_last_third(rows, "disk_bytes")
+            if disk_grows(early_d, late_d):
                 self.violations.add("bounded disk with pruning",
                                     f"mean disk {early_d / 2**20:.0f} MiB -> {late_d / 2**20:.0f} MiB")
 

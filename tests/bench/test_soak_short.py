@@ -31,3 +31,16 @@ def test_short_soak_passes_every_invariant_and_writes_its_report(tmp_path):
     for png in ("tps.png", "p99.png", "rss.png", "disk.png", "flush_prune.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "t=" in proc.stdout          # progress lines
+
+
+def test_disk_trend_rule_flags_steady_growth_and_passes_swings():
+    """The shapes two real soaks recorded (MiB every 3 s after warm-up): a data dir that
+    grows ~10 MiB a minute (old RocksDB LOG files piling up) is a violation; one that
+    swings 50..110 MiB with flushes and compactions is not."""
+    import math
+    from soak import disk_grows, first_and_last_third
+    mib = 2**20
+    growing = [{"disk_bytes": (150 + 0.5 * i + 20 * math.sin(i)) * mib} for i in range(800)]
+    swinging = [{"disk_bytes": (80 + 30 * math.sin(i / 3)) * mib} for i in range(100)]
+    assert disk_grows(*first_and_last_third(growing, "disk_bytes"))
+    assert not disk_grows(*first_and_last_third(swinging, "disk_bytes"))
