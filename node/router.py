@@ -150,6 +150,22 @@ class BatchRun:
         self.locked = collections.Counter() if track_keys else None
 
 
+def parts_by_shard(reads, writes, rshards, wshards) -> dict:
+    """{shard: (reads, writes)} of one txn, given the shard of each read and write."""
+    parts = {}
+    for s, kv in zip(rshards, reads):
+        part = parts.get(s)
+        if part is None:
+            part = parts[s] = ([], [])
+        part[0].append(kv)
+    for s, kv in zip(wshards, writes):
+        part = parts.get(s)
+        if part is None:
+            part = parts[s] = ([], [])
+        part[1].append(kv)
+    return parts
+
+
 def shares_keys(txns) -> bool:
     """Whether some key is read or written by two different entries of a batch."""
     first = {}
@@ -420,9 +436,8 @@ class Router:
                 if isinstance(reply, dict):
                     self.complete(reply.get("rid"), reply)
         if conn.closed:
-            if link.conn is conn:
-                self.drop_conn(link)
-        elif link.conn is conn:
+            self.drop_conn(link)
+        else:
             conn.sync_poller(self.poller)
 
     def complete(self, rid, reply: dict) -> None:
@@ -800,11 +815,7 @@ class Router:
             return None
         if not reads and not writes:
             return self.validate_only({}, owner, index)
-        parts = {}
-        for s, kv in zip(rshards, reads):
-            parts.setdefault(s, ([], []))[0].append(kv)
-        for s, kv in zip(wshards, writes):
-            parts.setdefault(s, ([], []))[1].append(kv)
+        parts = parts_by_shard(reads, writes, rshards, wshards)
         if not self.shards_up(parts):
             self.entry_done(owner, index, {"ok": False, "error": unavailable(
                 "a shard is down or restarting", outcome="aborted")})
@@ -1025,21 +1036,10 @@ class Router:
                 group.targets.append((KIND_COMMIT, run, i, ts))
                 i += 1
                 continue
-            parts = {}
-            for kv in reads:
-                s = crc(kv[0]) % n
-                part = parts.get(s)
-                if part is None:
-                    part = parts[s] = ([], [])
-                part[0].append(kv)
-            for kv in writes:
-                s = crc(kv[0]) % n
-                part = parts.get(s)
-                if part is None:
-                    part = parts[s] = ([], [])
-                part[1].append(kv)
+            parts = parts_by_shard(reads, writes, [crc(kv[0]) % n for kv in reads],
+                                   [crc(kv[0]) % n for kv in writes])
             run.next = i + 1
-            if all(links[s].state == "up" for s in parts):
+            if self.shards_up(parts):
                 self.start_2pc(parts, run, i)
             else:
                 self.start_txn(t, run, i)   # answers unavailable

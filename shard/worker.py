@@ -7,8 +7,8 @@ The router connects over a Unix domain socket (shard/link.py: length-prefixed fr
 the client side of the node is ZeroMQ, this internal hop is not, for latency). One loop
 pass: poll (timeout), accept new peers, read what each peer sent (a bounded number of
 bytes), dispatch each message to handle_<op>, engine.sync() once (group commit), send
-every reply of the pass (one frame per peer), then run one step of any flush/prune job. Nothing is acknowledged
-or shown before the sync. Reads meeting a key prepared at or below their snapshot are
+every reply of the pass (one frame per peer), then run one step of any flush/prune job.
+Nothing is acknowledged or shown before the sync. Reads meeting a key prepared at or below their snapshot are
 deferred (the snapshot pinned) and retried after each commit_prepared/abort_prepared,
 until `router.read_wait_secs`, then answered `unavailable`.
 
@@ -30,11 +30,11 @@ from bisect import bisect_left
 import zmq
 
 from shard import messages as m
-from shard.link import POLLOUT, FrameListener
 from shard.config import EngineConfig
 from shard.engine import ShardEngine
 from shard.errors import Blocked, BadRequest, Conflict, TooOld
 from shard.histogram import Histogram, quantile
+from shard.link import POLLOUT, FrameListener
 
 EXIT_FATAL = 78           # boot failed for a non-transient reason: do not respawn
 POLL_MS = 50              # idle poll timeout (timers run at least this often)
