@@ -3,13 +3,27 @@
 Group commit: everything a loop pass commits is staged in memory and written by
 `CommitLog.sync()` as ONE WAL-on WriteBatch: a single log row
 
-    be64(seq) -> msgpack([[ts, [[key, value | None], ...]], ...])   # one entry per txn
+    be64(seq) -> msgpack([record, ...])
 
-plus the meta rows staged in the same pass (prepared records, outcomes, block height).
+plus the meta rows staged in the same pass (block height, prune horizon). A record is
+
+    [ts, [[key, value | None], ...]]                      a commit (one per txn)
+    ["p", txn, ts, read_keys, writes, participants]       2PC: prepared here
+    ["c", txn, commit_ts]                                 2PC: committed (its writes are
+                                                          the commit record before it)
+    ["a", txn]                                            2PC: aborted
+    ["f", [txn, ...]]                                     2PC: outcomes forgotten
+
 So a transaction is in the log whole or not at all, and acknowledged == in the WAL.
+The 2PC records ride in the same row as the commits: as meta rows of their own they
+cost four RocksDB ops per participant per cross-shard txn (put, delete, put, delete),
+which measured a third of a shard's CPU on the 2-shard transfer benchmark.
 
-Flush records `flushed_seq` in meta; recovery replays log rows with seq > flushed_seq.
-Replay is idempotent: applying a record twice yields the same versions.
+Flush records `flushed_seq` in meta, with a snapshot of the prepared txns and the
+outcomes (`prepared/<txn>`, `outcome/<txn>` rows) taken after the log rows it covers.
+Recovery loads that snapshot, then replays log rows with seq > flushed_seq. Replay is
+idempotent: applying a record twice yields the same versions, and the 2PC records of a
+txn replayed over a snapshot that already holds their effect end in the same state.
 """
 from __future__ import annotations
 
@@ -26,8 +40,14 @@ HORIZON = b"horizon"
 LIVE_KEYS = b"live_keys"
 MAX_TS = b"max_ts"
 LAST_FLUSH = b"last_flush"          # msgpack {"ts", "block", "at"}
-PREPARED_PREFIX = b"prepared/"
-OUTCOME_PREFIX = b"outcome/"
+PREPARED_PREFIX = b"prepared/"      # flush-time snapshot of the prepared txns
+OUTCOME_PREFIX = b"outcome/"        # ...and of the outcomes not yet forgotten
+
+# tags of the 2PC log records (a commit record starts with its int ts instead)
+PREPARED = "p"
+COMMITTED = "c"
+ABORTED = "a"
+FORGOTTEN = "f"
 
 _packb = msgpack.packb
 
@@ -35,6 +55,11 @@ _packb = msgpack.packb
 # `FMT % txn_id` builds the meta key with no call (the 2PC hot path stages two per txn step)
 PREPARED_FMT = PREPARED_PREFIX + b"%d"
 OUTCOME_FMT = OUTCOME_PREFIX + b"%d"
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key starting with prefix (prefix ends below 0xff)."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
 def prepared_key(txn_id: int) -> bytes:
@@ -64,7 +89,7 @@ class CommitLog:
         self.storage = storage
         self.last_seq = last_seq          # seq of the newest log row written
         self.fsync = fsync
-        self.records: list = []           # [(ts, writes), ...] since the last sync
+        self.records: list = []           # log records (see above) since the last sync
         self.meta: list = []              # [(key, value | None), ...] since the last sync
         self.syncs = 0
         # A Packer of our own: msgpack.packb builds a new Packer per call (~0.4 us each,
@@ -103,7 +128,7 @@ class CommitLog:
         self.syncs += 1
 
     def replay(self, after_seq: int):
-        """Yield (seq, [(ts, writes), ...]) for every log row with seq > after_seq."""
+        """Yield (seq, [record, ...]) for every log row with seq > after_seq."""
         for key, raw in self.storage.iterate("log", start=be64(after_seq + 1)):
             seq = from_be64(key)
             yield seq, msgpack.unpackb(raw)

@@ -148,11 +148,44 @@ class ShardEngine:
         for key, raw in self.storage.iterate("meta", prefix=cl.OUTCOME_PREFIX):
             self.outcomes[cl.txn_of(key, cl.OUTCOME_PREFIX)] = msgpack.unpackb(raw)
         for _seq, records in self.log.replay(flushed_seq):
-            for ts, writes in records:
-                self._apply(ts, writes)
+            for record in records:
+                if type(record[0]) is int:
+                    ts, writes = record
+                    self._apply(ts, writes)
+                    if ts > self.max_ts:
+                        self.max_ts = ts
+                    self.replayed_records += 1
+                else:
+                    self._replay_2pc(record)
+
+    def _replay_2pc(self, record) -> None:
+        """Apply one 2PC log record at recovery. The meta snapshot loaded before the
+        replay may be newer than the record (a flush snapshots after its last log row),
+        so each kind is idempotent and a txn's records end in the state they made."""
+        tag = record[0]
+        if tag == cl.PREPARED:
+            _, txn_id, ts, reads, writes, participants = record
+            if txn_id not in self.outcomes:
+                # Re-locking a txn the snapshot holds restores its locks in log order
+                # (a replayed txn that touched the same keys and then ended unlocked them).
+                self._lock_prepared(txn_id, ts, reads, writes, participants)
                 if ts > self.max_ts:
                     self.max_ts = ts
-                self.replayed_records += 1
+        elif tag == cl.COMMITTED:
+            _, txn_id, commit_ts = record
+            self._unlock(txn_id)
+            self.outcomes[txn_id] = commit_ts
+            if commit_ts > self.max_ts:
+                self.max_ts = commit_ts
+        elif tag == cl.ABORTED:
+            self._unlock(record[1])
+        elif tag == cl.FORGOTTEN:
+            pop = self.outcomes.pop
+            for txn_id in record[1]:
+                pop(txn_id, None)
+        else:
+            raise StorageMismatch(f"{self.path}: commit-log record of unknown kind {tag!r} "
+                                  "(written by a newer shardkv?)")
 
     def close(self) -> None:
         """Sync staged records and close the database (no implicit flush: the log covers
@@ -503,8 +536,7 @@ class ShardEngine:
             raise Conflict((read_locked or []) + (write_locked or []) + (stale or []))
         participants = list(participants)
         self._lock_prepared(txn_id, ts, read_keys, own_writes, participants)
-        self.log.meta.append((cl.PREPARED_FMT % txn_id,
-                              self.log.pack((ts, read_keys, own_writes, participants))))
+        self.log.records.append((cl.PREPARED, txn_id, ts, read_keys, own_writes, participants))
         self.max_ts = ts
         self.counters["prepared"] += 1
 
@@ -533,13 +565,11 @@ class ShardEngine:
             raise BadRequest(f"commit ts {commit_ts!r} is below the prepare ts {txn['ts']}")
         self._unlock(txn_id)
         writes = txn["writes"]
-        log = self.log
+        records = self.log.records
         if writes:
             self._apply(commit_ts, writes)
-            log.records.append((commit_ts, writes))
-        meta = log.meta
-        meta.append((cl.PREPARED_FMT % txn_id, None))
-        meta.append((cl.OUTCOME_FMT % txn_id, log.pack(commit_ts)))
+            records.append((commit_ts, writes))
+        records.append((cl.COMMITTED, txn_id, commit_ts))
         outcomes[txn_id] = commit_ts
         if commit_ts > self.max_ts:
             self.max_ts = commit_ts
@@ -548,7 +578,7 @@ class ShardEngine:
     def abort_prepared(self, txn_id: int) -> None:
         """Drop a prepared txn and its locks. Idempotent (unknown txn: nothing to do)."""
         if self._unlock(txn_id) is not None:
-            self.log.stage_meta(cl.prepared_key(txn_id), None)
+            self.log.records.append((cl.ABORTED, txn_id))
             self.counters["abort_prepared"] += 1
 
     def prepared(self) -> list:
@@ -564,11 +594,9 @@ class ShardEngine:
 
     def forget(self, txn_ids) -> None:
         pop = self.outcomes.pop
-        meta = self.log.meta
-        fmt = cl.OUTCOME_FMT
-        for txn_id in txn_ids:
-            if pop(txn_id, None) is not None:
-                meta.append((fmt % txn_id, None))
+        forgotten = [txn_id for txn_id in txn_ids if pop(txn_id, None) is not None]
+        if forgotten:
+            self.log.records.append((cl.FORGOTTEN, forgotten))
 
     def set_block(self, height: int) -> None:
         """Record a block height (durable with the next sync); heights must increase."""

@@ -107,6 +107,18 @@ encode_rows = native_encode_rows or python_encode_rows
 ENCODER = "native" if native_encode_rows else "python"
 
 
+def write_2pc_snapshot(batch, prepared_txns: dict, outcomes: dict) -> None:
+    """Replace the meta snapshot of prepared txns and outcomes with the given state."""
+    for prefix in (cl.PREPARED_PREFIX, cl.OUTCOME_PREFIX):
+        batch.delete_range("meta", prefix, cl.prefix_end(prefix))
+    pack = msgpack.Packer().pack
+    for txn_id, txn in prepared_txns.items():
+        batch.put("meta", cl.PREPARED_FMT % txn_id,
+                  pack((txn["ts"], txn["reads"], txn["writes"], txn["participants"])))
+    for txn_id, commit_ts in outcomes.items():
+        batch.put("meta", cl.OUTCOME_FMT % txn_id, pack(commit_ts))
+
+
 class FlushJob:
     def __init__(self, engine):
         engine.log.sync()
@@ -161,7 +173,13 @@ class FlushJob:
         storage = engine.storage
         storage.flush(("data",))
         now = time.time()
+        # The log rows up to freeze_seq go, and with them the 2PC records of the txns
+        # still prepared or not yet forgotten: keep those as a snapshot in meta. Taken
+        # after a sync, so it holds only durable records; it may be newer than
+        # freeze_seq, which replay tolerates (commitlog.py).
+        engine.log.sync()
         batch = storage.batch()
+        write_2pc_snapshot(batch, engine.prepared_txns, engine.outcomes)
         batch.put("meta", cl.FLUSHED_SEQ, cl.pack_int(self.freeze_seq))
         batch.put("meta", cl.BLOCK, cl.pack_int(engine.block_height))
         batch.put("meta", cl.LIVE_KEYS, cl.pack_int(self.live_keys))
