@@ -206,7 +206,7 @@ def _decode(frame: bytes, limits: Limits) -> dict:
 # output: it takes exact msgpack types (bytes keys and values; a str key falls back) and
 # checks with plain loops, no per-item calls or exceptions.
 
-def _fast_txn_body(entry: dict, limits: Limits) -> dict | None:
+def _py_fast_txn_body(entry: dict, limits: Limits) -> dict | None:
     writes_in = entry.get("writes")
     reads_in = entry.get("reads")
     block = entry.get("block")
@@ -256,16 +256,16 @@ def _fast_txn_body(entry: dict, limits: Limits) -> dict | None:
     return {"reads": reads, "writes": list(writes.items()), "block": block}
 
 
-def _fast_txn(msg: dict, limits: Limits) -> dict | None:
-    return _fast_txn_body(msg, limits)
+def _py_fast_txn(msg: dict, limits: Limits) -> dict | None:
+    return _py_fast_txn_body(msg, limits)
 
 
-def _fast_batch(msg: dict, limits: Limits) -> dict | None:
+def _py_fast_batch(msg: dict, limits: Limits) -> dict | None:
     txns_in = msg.get("txns")
     if type(txns_in) is not list or len(txns_in) > limits.max_batch_txns:
         return None
     txns = []
-    body = _fast_txn_body
+    body = _py_fast_txn_body
     for entry in txns_in:
         if type(entry) is not dict:
             return None
@@ -274,6 +274,30 @@ def _fast_batch(msg: dict, limits: Limits) -> dict | None:
             return None
         txns.append(t)
     return {"txns": txns}
+
+
+# The same two fast paths in C (node/_txnparse.c), built by the install where a compiler
+# is; the Python ones above stay as the fallback and as the reference the tests hold the
+# C ones to. PARSER says which one the router runs.
+try:
+    from node._txnparse import batch as _c_batch, txn_body as _c_txn_body
+except ImportError:  # built without a C compiler
+    _c_batch = _c_txn_body = None
+
+
+def _native_fast_txn(msg: dict, limits: Limits) -> dict | None:
+    return _c_txn_body(msg, limits.max_key_bytes, limits.max_value_bytes, limits.max_txn_ops,
+                       limits.max_txn_bytes)
+
+
+def _native_fast_batch(msg: dict, limits: Limits) -> dict | None:
+    return _c_batch(msg.get("txns"), limits.max_batch_txns, limits.max_key_bytes,
+                    limits.max_value_bytes, limits.max_txn_ops, limits.max_txn_bytes)
+
+
+PARSER = "native" if _c_txn_body is not None else "python"
+_fast_txn = _native_fast_txn if _c_txn_body is not None else _py_fast_txn
+_fast_batch = _native_fast_batch if _c_txn_body is not None else _py_fast_batch
 
 
 def _fast_get(msg: dict, limits: Limits) -> dict | None:

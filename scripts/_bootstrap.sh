@@ -10,7 +10,7 @@ bootstrap_venv() {
     local extras="${1:-}"
     local want
     # What the install builds from: a change to any of these reinstalls (and recompiles).
-    want="$(cat "$ROOT/pyproject.toml" "$ROOT"/shard/*.c | sha256sum | cut -d' ' -f1)"
+    want="$(cat "$ROOT/pyproject.toml" "$ROOT"/shard/*.c "$ROOT"/node/*.c | sha256sum | cut -d' ' -f1)"
     # Fast path (every start after the first): no lock, no pip.
     if _venv_current "$extras" "$want"; then return 0; fi
     # Several scripts may start at once on a fresh clone (tests start nodes in parallel):

@@ -1,7 +1,13 @@
 """The fast parsers of the hot ops (get, txn, batch) agree with the reference parsers:
 whenever a fast parser accepts a request it returns exactly what the reference returns,
 and it never accepts a request the reference rejects (so every error keeps its code and
-message, which the reference produces on fallback)."""
+message, which the reference produces on fallback).
+
+The txn and batch fast paths exist twice, in C (node/_txnparse.c, when built) and in
+Python (the fallback); every agreement test runs both."""
+import shutil
+import sysconfig
+
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,6 +34,14 @@ txn_fields = st.fixed_dictionaries({}, optional={
     "block": ints})
 
 
+FAST_TXN = [pytest.param(protocol._py_fast_txn, id="python"),
+            pytest.param(protocol._native_fast_txn, id="native", marks=pytest.mark.skipif(
+                protocol._c_txn_body is None, reason="node._txnparse not built (no C compiler)"))]
+FAST_BATCH = [pytest.param(protocol._py_fast_batch, id="python"),
+              pytest.param(protocol._native_fast_batch, id="native", marks=pytest.mark.skipif(
+                  protocol._c_txn_body is None, reason="node._txnparse not built (no C compiler)"))]
+
+
 def reference(op, msg, limits):
     try:
         return protocol._PARSERS[op](protocol._Fields(msg), limits)
@@ -39,19 +53,21 @@ def same(fast, ref):
     assert fast is None or fast == ref
 
 
+@pytest.mark.parametrize("fast_txn", FAST_TXN)
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(txn_fields, st.sampled_from([LIMITS, SMALL]))
-def test_fast_txn_agrees_with_reference(msg, limits):
-    same(protocol._fast_txn(msg, limits), reference("txn", msg, limits))
+@given(msg=txn_fields, limits=st.sampled_from([LIMITS, SMALL]))
+def test_fast_txn_agrees_with_reference(fast_txn, msg, limits):
+    same(fast_txn(msg, limits), reference("txn", msg, limits))
 
 
+@pytest.mark.parametrize("fast_batch", FAST_BATCH)
 @settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(st.lists(st.one_of(txn_fields, st.integers(), st.none()), max_size=5),
-                 st.none(), st.binary(max_size=3)),
-       st.sampled_from([LIMITS, SMALL]))
-def test_fast_batch_agrees_with_reference(txns, limits):
+@given(txns=st.one_of(st.lists(st.one_of(txn_fields, st.integers(), st.none()), max_size=5),
+                      st.none(), st.binary(max_size=3)),
+       limits=st.sampled_from([LIMITS, SMALL]))
+def test_fast_batch_agrees_with_reference(fast_batch, txns, limits):
     msg = {} if txns is None else {"txns": txns}
-    same(protocol._fast_batch(msg, limits), reference("batch", msg, limits))
+    same(fast_batch(msg, limits), reference("batch", msg, limits))
 
 
 @settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -62,12 +78,24 @@ def test_fast_get_agrees_with_reference(keys_in, at, limits):
     same(protocol._fast_get(msg, limits), reference("get", msg, limits))
 
 
-def test_fast_paths_take_the_common_shapes():
+@pytest.mark.parametrize("fast_txn,fast_batch", [
+    pytest.param(t.values[0], b.values[0], id=t.id, marks=t.marks) for t, b in zip(FAST_TXN, FAST_BATCH)])
+def test_fast_paths_take_the_common_shapes(fast_txn, fast_batch):
     """The bench/client shapes are served by the fast path (not silently by fallback)."""
     txn = {"reads": [[b"a", 3], [b"b", 0]], "writes": [[b"a", b"1"], [b"b", None], [b"a", b"2"]]}
-    assert protocol._fast_txn(txn, LIMITS) == {
-        "reads": [(b"a", 3), (b"b", 0)], "writes": [(b"a", b"2"), (b"b", None)], "block": None}
-    assert protocol._fast_batch({"txns": [txn, {"writes": []}]}, LIMITS) is not None
+    normal = {"reads": [(b"a", 3), (b"b", 0)], "writes": [(b"a", b"2"), (b"b", None)], "block": None}
+    assert fast_txn(txn, LIMITS) == normal
+    assert fast_txn({**txn, "block": 2**63 - 1}, LIMITS)["block"] == 2**63 - 1
+    assert fast_batch({"txns": [txn, {"writes": []}]}, LIMITS) == {
+        "txns": [normal, {"reads": [], "writes": [], "block": None}]}
+
+
+def test_the_native_parser_is_built_where_a_compiler_is_and_the_router_uses_it():
+    """A machine with a C compiler (CI's has gcc) must get the C parser from the install."""
+    if shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) is None:
+        pytest.skip("no C compiler on this machine: the Python fast path is the expected one")
+    assert protocol.PARSER == "native"
+    assert protocol._FAST_PARSERS["batch"] is protocol._native_fast_batch
     assert protocol._fast_get({"keys": [b"a", b"b"]}, LIMITS) == {"keys": [b"a", b"b"], "at": None}
 
 
