@@ -6,9 +6,10 @@
  * map/itemgetter pipelines measured no faster (see python_encode_rows). Here each row
  * costs two allocations and two memcpy's.
  *
- * encode_rows(items, cached=None) -> (taken, vkeys, values, nbytes), exactly as
- * shard.flush.python_encode_rows:
- *   items   iterable of (key: bytes, chain: list of (ts: int, value: bytes | None))
+ * encode_rows(items, cached=None, max_rows=-1) -> (taken, vkeys, values, nbytes), exactly
+ * as shard.flush.python_encode_rows:
+ *   items   iterable of (key: bytes, chain: list of (ts: int, value: bytes | None));
+ *           consumed up to the first key after which max_rows rows (when >= 0) are built
  *   cached  the row cache's dict (an OrderedDict) or None: a key present there gets its
  *           newest (ts, value) tuple; its position (LRU order) does not change.
  *   vkeys   memcomparable(key) + be64(2**64 - 1 - ts)   (shard/keycodec.py)
@@ -139,7 +140,8 @@ static PyObject *
 encode_rows(PyObject *self, PyObject *args)
 {
     PyObject *items, *cached = Py_None;
-    if (!PyArg_ParseTuple(args, "O|O:encode_rows", &items, &cached))
+    Py_ssize_t max_rows = -1;
+    if (!PyArg_ParseTuple(args, "O|On:encode_rows", &items, &cached, &max_rows))
         return NULL;
     PyObject *it = PyObject_GetIter(items);
     if (it == NULL)
@@ -187,6 +189,8 @@ encode_rows(PyObject *self, PyObject *args)
         if (append_rows(key, chain, vkeys, values, &nbytes) < 0)
             goto error;
         Py_CLEAR(item);
+        if (max_rows >= 0 && PyList_GET_SIZE(vkeys) >= max_rows)
+            break;                    /* the rest of items stays unconsumed */
     }
     if (PyErr_Occurred())
         goto error;
@@ -203,7 +207,7 @@ error:
 
 static PyMethodDef methods[] = {
     {"encode_rows", encode_rows, METH_VARARGS,
-     "encode_rows(items, cached=None) -> (taken, vkeys, values, nbytes); see shard.flush."},
+     "encode_rows(items, cached=None, max_rows=-1) -> (taken, vkeys, values, nbytes); see shard.flush."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -96,7 +96,7 @@ class AdaptiveConfig:
     """Batch writer tuning; defaults are those of the original project."""
 
     min_chunk: int = 1000
-    max_chunk: int = 60000
+    max_chunk: int = 8000          # rows; also the longest pause a flush step makes in the shard loop
     target_rsd: float = 0.08
     adjust_up: float = 0.15
     adjust_down: float = 0.30

@@ -62,6 +62,7 @@ class ShardEngine:
         self.frozen: dict | None = None   # the memtable a flush is writing out
         self.active_versions = 0
         self.frozen_versions = 0
+        self.released: list = []          # flushed memtables still being freed (release_step)
         self.cache = RowCache(config.max_cached_keys)
         self.max_ts = 0
         self.horizon = 0
@@ -628,8 +629,7 @@ class ShardEngine:
     def start_flush(self) -> None:
         from .flush import FlushJob
         if self.flush_job is not None:
-            while not self.flush_job.step():
-                pass
+            self.flush_job.finish_now()
         self.flush_job = FlushJob(self)
 
     def flush_step(self) -> bool:
@@ -645,9 +645,29 @@ class ShardEngine:
         """Flush everything committed so far; returns {"flush_ts","keys","bytes","duration"}."""
         self.start_flush()
         job = self.flush_job
-        while not self.flush_step():
+        job.finish_now()
+        self.flush_job = None
+        while not self.release_step():
             pass
         return job.result
+
+    @property
+    def flush_waiting(self) -> bool:
+        """A flush runs and only waits for RocksDB (its steps have nothing to compute)."""
+        return self.flush_job is not None and self.flush_job.writing_sst
+
+    def release_step(self, versions: int = 20_000) -> bool:
+        """Free about `versions` versions of flushed memtables; True when none is left.
+        Freeing is spread over loop passes like the flush itself: a flushed memtable of a
+        million versions is millions of objects to deallocate."""
+        released = self.released
+        while released and versions > 0:
+            memtable = released[-1]
+            while memtable and versions > 0:
+                versions -= len(memtable.popitem()[1])
+            if not memtable:
+                released.pop()
+        return not released
 
     def should_flush(self, now: float | None = None) -> bool:
         """Dual trigger (interval_secs or blocks_per_flush) plus memory pressure. Only when

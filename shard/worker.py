@@ -38,6 +38,7 @@ from shard.link import POLLOUT, FrameListener
 
 EXIT_FATAL = 78           # boot failed for a non-transient reason: do not respawn
 POLL_MS = 50              # idle poll timeout (timers run at least this often)
+FLUSH_WAIT_POLL_MS = 2    # poll timeout while a flush waits for RocksDB to write its SST
 TPS_WINDOW_SECS = 5.0
 
 
@@ -254,8 +255,7 @@ class ShardWorker:
     # -- the loop
 
     def loop_pass(self) -> None:
-        busy = self.flush_job or self.prune_job
-        events = dict(self.poller.poll(0 if busy else POLL_MS))
+        events = dict(self.poller.poll(self.poll_timeout_ms()))
         if self.signals.r in events:
             for sig in self.signals.drain():
                 self.handle_signal(sig)
@@ -276,7 +276,7 @@ class ShardWorker:
             if peer.closed:
                 self.drop_peer(peer)
         now = self.finish_pass()
-        if self.flush_job is not None or self.prune_job is not None:
+        if self.flush_job is not None or self.prune_job is not None or self.engine.released:
             # One flush/prune chunk, after this pass's replies are out, so a chunk of
             # background work never delays an acknowledgement (tail latency).
             self.maintenance_step()
@@ -593,6 +593,9 @@ class ShardWorker:
         self.engine.start_flush()
 
     def finish_flush(self) -> None:
+        """Complete a running flush now (blocking: shutdown, or a flush op's new cut)."""
+        if self.flush_job is not None and self.engine.flush_job is not None:
+            self.engine.flush_job.finish_now()      # waits for RocksDB instead of polling
         while self.flush_job is not None:
             self.step_flush()
 
@@ -624,10 +627,24 @@ class ShardWorker:
             self.reply(peer, build(removed))
 
     def maintenance_step(self) -> None:
-        if self.flush_job is not None:
+        """One slice of background work per pass: freeing the last flushed memtable, else
+        a flush chunk (or a look at whether RocksDB has written its SST), else a prune chunk."""
+        if self.engine.released:
+            self.engine.release_step()
+        elif self.flush_job is not None:
             self.step_flush()
-        elif self.prune_job is not None:   # one chunk of work per pass, flush first
+        elif self.prune_job is not None:
             self.step_prune()
+
+    def poll_timeout_ms(self) -> int:
+        """Do not sleep while background work has a next slice; while a flush only waits
+        for RocksDB's background threads, look again soon without spinning a core."""
+        engine = self.engine
+        if engine.released:
+            return 0
+        if self.flush_job is not None:          # stepped before any prune (maintenance_step)
+            return FLUSH_WAIT_POLL_MS if engine.flush_waiting else 0
+        return 0 if self.prune_job is not None else POLL_MS
 
     def run_timers(self, now: float) -> None:
         if now < self.next_stats:

@@ -96,7 +96,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "batch_writer": {
         "min_chunk": Key(int, 1000, at_least(1)),
-        "max_chunk": Key(int, 60000, at_least(1)),
+        "max_chunk": Key(int, 8000, at_least(1)),
         "target_rsd": Key(NUMBER, 0.08, positive),
         "adjust_up": Key(NUMBER, 0.15, fraction),
         "adjust_down": Key(NUMBER, 0.30, fraction),

@@ -105,7 +105,7 @@ def test_csv_trace_has_one_row_per_chunk(tmp_path):
 def test_defaults_are_the_original_projects():
     c = AdaptiveConfig.from_dict(None, environ={})
     assert (c.min_chunk, c.max_chunk, c.target_rsd, c.adjust_up, c.adjust_down, c.window, c.csv) == \
-        (1000, 60000, 0.08, 0.15, 0.30, 6, "")
+        (1000, 8000, 0.08, 0.15, 0.30, 6, "")
 
 
 def test_config_section_then_env_overrides():

@@ -1,6 +1,9 @@
 """Flush (incremental, with commits in between) and prune (memory + disk, pins, horizon)."""
+import time
+
 import pytest
 
+from shard import commitlog as cl
 from shard.errors import TooOld
 
 
@@ -22,6 +25,56 @@ def test_incremental_flush_with_commits_between_steps(open_engine):
     e.close()
     e = open_engine()
     assert e.replayed_records == 1 and e.read([b"k00", b"new"], 2) == [(None, 0), (b"v2", 2)]
+
+
+def test_flush_steps_are_bounded_in_rows_with_long_version_chains(open_engine):
+    """The step budget counts rows: 10 keys of 20 versions each with an 8-row budget
+    take a key (20 rows) per step, where a budget of 8 keys took 160 rows at once."""
+    e = open_engine()
+    for ts in range(1, 21):
+        e.commit(ts, [], [(b"k%d" % i, b"v%d" % ts) for i in range(10)])
+    e.start_flush()
+    job = e.flush_job
+    written = []
+    while not e.flush_step():
+        written.append(job.ops - sum(written))
+    assert written[:10] == [20] * 10 and not any(written[10:])
+    assert e.read([b"k3"], 20) == [(b"v20", 20)]
+
+
+def test_flush_waits_for_rocksdb_in_steps_and_records_flushed_seq_last(open_engine):
+    """Once every row is written the job asks RocksDB for the SST file without waiting;
+    flushed_seq, the 2PC snapshot and the log truncation follow in a later step."""
+    e = open_engine()
+    e.commit(1, [], [(b"k%02d" % i, b"v") for i in range(6)])
+    e.sync()
+    e.start_flush()
+    while not e.flush_waiting:
+        assert not e.flush_step()
+    assert e.storage.get("meta", cl.FLUSHED_SEQ) is None        # not recorded yet
+    assert list(e.storage.iterate("log"))                        # the log still covers it
+    deadline = time.monotonic() + 30
+    while not e.flush_step():                                    # RocksDB's thread finishes
+        assert time.monotonic() < deadline, "RocksDB never finished the flush"
+        time.sleep(0.001)
+    assert cl.unpack(e.storage.get("meta", cl.FLUSHED_SEQ)) == 1
+    assert list(e.storage.iterate("log")) == [] and not e.flush_waiting
+    assert e.read([b"k05"], 1) == [(b"v", 1)]
+
+
+def test_a_flushed_memtable_is_freed_a_slice_at_a_time(open_engine):
+    e = open_engine()
+    for ts in range(1, 6):
+        e.commit(ts, [], [(b"k%03d" % i, b"v%d" % ts) for i in range(100)])
+    e.start_flush()
+    e.flush_job.finish_now()                     # blocking, as at shutdown
+    assert e.flush_step() and e.flush_job is None and e.stats()["flush"]["flush_count"] == 1
+    assert len(e.released) == 1 and len(e.released[0]) == 100
+    steps = 1
+    while not e.release_step(versions=50):        # 10 keys (50 versions) per slice
+        steps += 1
+        assert e.read([b"k000", b"k099"], 5) == [(b"v5", 5), (b"v5", 5)]
+    assert steps == 10 and e.released == []
 
 
 def test_should_flush_dual_trigger_and_memory_pressure(open_engine, small_config):
