@@ -656,7 +656,7 @@ class ShardEngine:
         """A flush runs and only waits for RocksDB (its steps have nothing to compute)."""
         return self.flush_job is not None and self.flush_job.writing_sst
 
-    def release_step(self, versions: int = 20_000) -> bool:
+    def release_step(self, versions: int = 5_000) -> bool:
         """Free about `versions` versions of flushed memtables; True when none is left.
         Freeing is spread over loop passes like the flush itself: a flushed memtable of a
         million versions is millions of objects to deallocate."""

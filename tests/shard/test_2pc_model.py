@@ -10,10 +10,12 @@ import shutil
 import tempfile
 
 from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
 from shard.config import EngineConfig
 from shard.engine import ShardEngine
+
+from tests.shard.flush_rules import FlushRules
 
 KEYS = [b"a", b"b", b"c", b"d", b"e", b"f"]
 CONFIG = EngineConfig(flush_on_start=False, prune_step_keys=2, max_cached_keys=3,
@@ -21,7 +23,7 @@ CONFIG = EngineConfig(flush_on_start=False, prune_step_keys=2, max_cached_keys=3
                       rocksdb={"write_buffer_bytes": 1 << 20, "block_cache_bytes": 1 << 20})
 
 
-class TwoPCVsModel(RuleBasedStateMachine):
+class TwoPCVsModel(FlushRules):
     @initialize()
     def setup(self):
         self.tmp = tempfile.mkdtemp(prefix="2pc-model-")
@@ -104,19 +106,6 @@ class TwoPCVsModel(RuleBasedStateMachine):
         self.engine.commit(self.ts, [(key, self.version(key))], [(key, b"c%d" % self.ts)])
         self.engine.sync()
         self.data[key] = (b"c%d" % self.ts, self.ts)
-
-    @rule()
-    def flush(self):
-        self.engine.flush()
-
-    @rule(steps=st.integers(0, 3))
-    def flush_partly(self, steps):
-        """A flush left running while 2PC steps go on (the worker interleaves them)."""
-        if self.engine.flush_job is None:
-            self.engine.start_flush()
-        for _ in range(steps):
-            if self.engine.flush_step():
-                break
 
     @rule()
     def reopen(self):

@@ -9,12 +9,14 @@ import shutil
 import tempfile
 
 from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
 from shard.checkpoint import restore_shard
 from shard.config import EngineConfig
 from shard.engine import ShardEngine
 from shard.errors import Conflict, TooOld
+
+from tests.shard.flush_rules import FlushRules
 
 KEYS = [b"a", b"a\x00", b"b", b"c\xff", b"d", b"e"]
 keys_st = st.sampled_from(KEYS)
@@ -31,7 +33,7 @@ def model_at(chain, at):
     return (None, 0)
 
 
-class EngineVsModel(RuleBasedStateMachine):
+class EngineVsModel(FlushRules):
     @initialize()
     def setup(self):
         self.tmp = tempfile.mkdtemp(prefix="model-")
@@ -95,19 +97,6 @@ class EngineVsModel(RuleBasedStateMachine):
                     live.append((key, value, version))
         items, more = self.engine.scan(start, end, limit, at)
         assert items == live[:limit] and more == (len(live) > limit)
-
-    @rule()
-    def flush(self):
-        self.engine.flush()
-
-    @rule(steps=st.integers(0, 3))
-    def flush_partly(self, steps):
-        """A flush left running while commits go on (the worker interleaves steps)."""
-        if self.engine.flush_job is None:
-            self.engine.start_flush()
-        for _ in range(steps):
-            if self.engine.flush_step():
-                break
 
     @rule(keep=st.integers(1, 3))
     def prune(self, keep):
