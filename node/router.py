@@ -16,7 +16,7 @@ its shards when T is allocated, and outboxes are sent in append order, so every 
 sees messages in allocation order. Reads use S = last allocated ts.
 
 2PC: txn id = its ts T (unique, never reused). prepare(T) to all participants; all ok ->
-commit_prepared to all (the decision is durable once one shard holds outcome/T); reply
+commit_prepared to all (the decision is durable once one shard holds its outcome); reply
 after the first ack; forget once every participant acked. Recovery (router start, or a shard
 with a new incarnation or back from silence): a prepared txn commits iff some participant
 has an outcome record for it, else it is aborted; a shard gets no other message until
@@ -38,6 +38,7 @@ from node.security import secure_client_socket
 from node.timestamps import TimestampOracle
 from shard import messages as m
 from shard.histogram import Histogram, RateWindow, summary_ms
+from shard.keycodec import prefix_end
 from shard.link import POLLOUT, connect
 from shard.worker import (EXIT_FATAL, ProcessProfile, SignalPipe, SupervisorLink, parse_spec,
                           set_parent_death_signal, tune_gc)
@@ -59,12 +60,6 @@ def err(code: str, message: str, retryable: bool = False, **extra) -> dict:
 
 def unavailable(message: str, **extra) -> dict:
     return err("unavailable", message, True, **extra)
-
-
-def prefix_end(prefix: bytes):
-    """Smallest key greater than every key starting with prefix (None: unbounded)."""
-    p = prefix.rstrip(b"\xff")
-    return p[:-1] + bytes([p[-1] + 1]) if p else None
 
 
 def socket_frame_cap(max_frame_bytes: int) -> int:

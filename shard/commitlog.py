@@ -57,19 +57,6 @@ PREPARED_FMT = PREPARED_PREFIX + b"%d"
 OUTCOME_FMT = OUTCOME_PREFIX + b"%d"
 
 
-def prefix_end(prefix: bytes) -> bytes:
-    """The first key after every key starting with prefix (prefix ends below 0xff)."""
-    return prefix[:-1] + bytes([prefix[-1] + 1])
-
-
-def prepared_key(txn_id: int) -> bytes:
-    return PREPARED_FMT % txn_id
-
-
-def outcome_key(txn_id: int) -> bytes:
-    return OUTCOME_FMT % txn_id
-
-
 def txn_of(meta_key: bytes, prefix: bytes) -> int:
     return int(meta_key[len(prefix):])
 
@@ -93,8 +80,8 @@ class CommitLog:
         self.meta: list = []              # [(key, value | None), ...] since the last sync
         self.syncs = 0
         # A Packer of our own: msgpack.packb builds a new Packer per call (~0.4 us each,
-        # measured); the engine packs prepared/outcome records with this one too. One
-        # per log, so engines used from different threads never share one.
+        # measured); a flush packs its 2PC snapshot with this one too. One per log, so
+        # engines used from different threads never share one.
         self.pack = msgpack.Packer().pack
 
     def stage(self, ts: int, writes) -> None:

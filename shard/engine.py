@@ -628,9 +628,14 @@ class ShardEngine:
 
     def start_flush(self) -> None:
         from .flush import FlushJob
+        self.finish_flush()
+        self.flush_job = FlushJob(self)
+
+    def finish_flush(self) -> None:
+        """Complete a running flush now, waiting for RocksDB (blocking); flush_step()
+        then reports it done."""
         if self.flush_job is not None:
             self.flush_job.finish_now()
-        self.flush_job = FlushJob(self)
 
     def flush_step(self) -> bool:
         """Write one chunk of the running flush; True when it is done (or none runs)."""
@@ -645,7 +650,7 @@ class ShardEngine:
         """Flush everything committed so far; returns {"flush_ts","keys","bytes","duration"}."""
         self.start_flush()
         job = self.flush_job
-        job.finish_now()
+        self.finish_flush()
         self.flush_job = None
         while not self.release_step():
             pass

@@ -8,9 +8,10 @@ Order (DESIGN.md "MVCC and flush"):
    start a RocksDB flush of the rows written so far without waiting for it (it runs in
    RocksDB's threads while the rest is encoded; rows in SST files before the meta write
    are as harmless as rows in the memtable: a replay rewrites the same rows);
-3. finish: RocksDB flush of `data` (now durable in SST files), then one WAL-on meta
-   write of flushed_seq / block / live_keys / max_ts, then delete the log up to
-   freeze_seq. A crash before the meta write replays the log (idempotent: same rows);
+3. finish: a RocksDB flush of `data` to SST files (durable), started without waiting;
+   later steps only check its progress (FlushJob.wait_step). Then one WAL-on meta write
+   of flushed_seq / block / live_keys / max_ts and the 2PC snapshot, then delete the log
+   up to freeze_seq, then hand the frozen memtable to engine.release_step. A crash before the meta write replays the log (idempotent: same rows);
    after it, the log rows <= flushed_seq are skipped whether or not they were deleted.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from itertools import islice
 import msgpack
 
 from . import commitlog as cl
-from .keycodec import LIVE_TAG, MAX_TS, TERMINATOR, TOMBSTONE, version_suffix_packer
+from .keycodec import LIVE_TAG, MAX_TS, TERMINATOR, TOMBSTONE, prefix_end, version_suffix_packer
 
 
 # A flush of at least this many versions is written to two SST files, the first one
@@ -111,11 +112,10 @@ encode_rows = native_encode_rows or python_encode_rows
 ENCODER = "native" if native_encode_rows else "python"
 
 
-def write_2pc_snapshot(batch, prepared_txns: dict, outcomes: dict) -> None:
+def write_2pc_snapshot(batch, prepared_txns: dict, outcomes: dict, pack) -> None:
     """Replace the meta snapshot of prepared txns and outcomes with the given state."""
     for prefix in (cl.PREPARED_PREFIX, cl.OUTCOME_PREFIX):
-        batch.delete_range("meta", prefix, cl.prefix_end(prefix))
-    pack = msgpack.Packer().pack
+        batch.delete_range("meta", prefix, prefix_end(prefix))
     for txn_id, txn in prepared_txns.items():
         batch.put("meta", cl.PREPARED_FMT % txn_id,
                   pack((txn["ts"], txn["reads"], txn["writes"], txn["participants"])))
@@ -218,7 +218,7 @@ class FlushJob:
         # freeze_seq, which replay tolerates (commitlog.py).
         engine.log.sync()
         batch = storage.batch()
-        write_2pc_snapshot(batch, engine.prepared_txns, engine.outcomes)
+        write_2pc_snapshot(batch, engine.prepared_txns, engine.outcomes, engine.log.pack)
         batch.put("meta", cl.FLUSHED_SEQ, cl.pack_int(self.freeze_seq))
         batch.put("meta", cl.BLOCK, cl.pack_int(engine.block_height))
         batch.put("meta", cl.LIVE_KEYS, cl.pack_int(self.live_keys))

@@ -73,6 +73,12 @@ def untag(row: bytes) -> bytes | None:
     raise ValueError(f"bad value row tag {row[:1]!r}")
 
 
+def prefix_end(prefix: bytes) -> bytes | None:
+    """Smallest key greater than every key starting with prefix (None: unbounded)."""
+    p = prefix.rstrip(b"\xff")
+    return p[:-1] + bytes([p[-1] + 1]) if p else None
+
+
 def be64(n: int) -> bytes:
     """Fixed-width big-endian int: log sequence numbers sort numerically."""
     return _pack_ts(n)

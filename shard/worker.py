@@ -7,8 +7,9 @@ The router connects over a Unix domain socket (shard/link.py: length-prefixed fr
 the client side of the node is ZeroMQ, this internal hop is not, for latency). One loop
 pass: poll (timeout), accept new peers, read what each peer sent (a bounded number of
 bytes), dispatch each message to handle_<op>, engine.sync() once (group commit), send
-every reply of the pass (one frame per peer), then run one step of any flush/prune job.
-Nothing is acknowledged or shown before the sync. Reads meeting a key prepared at or below their snapshot are
+every reply of the pass (one frame per peer), then run one slice of background work
+(freeing a flushed memtable, a flush step or a prune step). Nothing is acknowledged or
+shown before the sync. Reads meeting a key prepared at or below their snapshot are
 deferred (the snapshot pinned) and retried after each commit_prepared/abort_prepared,
 until `router.read_wait_secs`, then answered `unavailable`.
 
@@ -594,8 +595,8 @@ class ShardWorker:
 
     def finish_flush(self) -> None:
         """Complete a running flush now (blocking: shutdown, or a flush op's new cut)."""
-        if self.flush_job is not None and self.engine.flush_job is not None:
-            self.engine.flush_job.finish_now()      # waits for RocksDB instead of polling
+        if self.flush_job is not None:
+            self.engine.finish_flush()              # waits for RocksDB instead of polling
         while self.flush_job is not None:
             self.step_flush()
 

@@ -299,35 +299,25 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
             if shards != main_shards:
                 report.add(Figure(SUITE, f"transfers/s, {shards} shard(s)", r["tps"], "transfers/s",
                                   peer="Redis", peer_value=rtps, note=f"{r['conflicts']} conflicts"))
-        for q in (0.5, 0.99):
-            pct = int(q * 100)
-            report.add(Figure(SUITE, f"single txn latency P{pct} ({main_shards} shards)",
-                              percentile(main_lat["txn"], q) * 1000, "ms", peer="Redis EVALSHA",
-                              peer_value=percentile(redis_lat["txn"], q) * 1000, higher_is_better=False,
-                              target=2.0 if pct == 99 else None))
-        for q in (0.5, 0.99):
-            report.add(Figure(SUITE, f"single txn latency P{int(q * 100)} right after the load run, "
-                                     f"background flush running ({main_shards} shards)",
-                              percentile(flushing_lat["txn"], q) * 1000, "ms", peer="Redis EVALSHA",
-                              peer_value=percentile(redis_lat["txn"], q) * 1000, higher_is_better=False,
-                              note="the figure above is measured after an explicit flush"))
+        def vs_redis(name: str, samples: list, note: str = "", p99_target: float | None = None) -> None:
+            """P50 and P99 of samples (seconds) against Redis's single EVALSHA latency."""
+            for q in (0.5, 0.99):
+                pct = int(q * 100)
+                report.add(Figure(SUITE, name.format(pct=pct), percentile(samples, q) * 1000, "ms",
+                                  peer="Redis EVALSHA", peer_value=percentile(redis_lat["txn"], q) * 1000,
+                                  higher_is_better=False, note=note,
+                                  target=p99_target if pct == 99 else None))
+        vs_redis(f"single txn latency P{{pct}} ({main_shards} shards)", main_lat["txn"], p99_target=2.0)
+        vs_redis(f"single txn latency P{{pct}} right after the load run, background flush running "
+                 f"({main_shards} shards)", flushing_lat["txn"],
+                 note="the figure above is measured after an explicit flush")
         for kind in ("single-shard", "cross-shard"):
             if len(main_lat[kind]) >= 20:
-                for q in (0.5, 0.99):
-                    report.add(Figure(SUITE, f"single txn latency P{int(q * 100)}, {kind} txns only ({main_shards} shards)",
-                                      percentile(main_lat[kind], q) * 1000, "ms", peer="Redis EVALSHA",
-                                      peer_value=percentile(redis_lat["txn"], q) * 1000, higher_is_better=False,
-                                      note=f"{len(main_lat[kind])} of {len(main_lat['txn'])} samples"))
-        for q in (0.5, 0.99):
-            pct = int(q * 100)
-            report.add(Figure(SUITE, f"ZeroMQ echo round trip P{pct} (transport floor: no work)",
-                              percentile(echo_lat["echo"], q) * 1000, "ms", peer="Redis EVALSHA",
-                              peer_value=percentile(redis_lat["txn"], q) * 1000, higher_is_better=False,
-                              note="what one client round trip over ZeroMQ costs before any work"))
-        for q in (0.5, 0.99):
-            report.add(Figure(SUITE, f"transfer latency get+txn P{int(q * 100)} ({main_shards} shards)",
-                              percentile(main_lat["transfer"], q) * 1000, "ms", peer="Redis EVALSHA",
-                              peer_value=percentile(redis_lat["txn"], q) * 1000, higher_is_better=False))
+                vs_redis(f"single txn latency P{{pct}}, {kind} txns only ({main_shards} shards)", main_lat[kind],
+                         note=f"{len(main_lat[kind])} of {len(main_lat['txn'])} samples")
+        vs_redis("ZeroMQ echo round trip P{pct} (transport floor: no work)", echo_lat["echo"],
+                 note="what one client round trip over ZeroMQ costs before any work")
+        vs_redis(f"transfer latency get+txn P{{pct}} ({main_shards} shards)", main_lat["transfer"])
         report.series["node_throughput"] = {"redis": redis_best, "shardkv": {str(k): v for k, v in scaling.items()}}
         report.series["node_latency"] = {"shardkv": main_lat, "shardkv_flushing": flushing_lat,
                                          "redis": redis_lat, "echo": echo_lat}
