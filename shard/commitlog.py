@@ -84,9 +84,6 @@ class CommitLog:
         # engines used from different threads never share one.
         self.pack = msgpack.Packer().pack
 
-    def stage(self, ts: int, writes) -> None:
-        self.records.append((ts, writes))
-
     def stage_meta(self, key: bytes, value: bytes | None) -> None:
         self.meta.append((key, value))
 

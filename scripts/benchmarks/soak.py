@@ -98,6 +98,7 @@ class Soak:
         self.work = work
         self.rng = random.Random(args.seed)
         self.violations = Violations()
+        self.interrupted_at: float | None = None   # seconds into the run when Ctrl-C came
         self.model = {account(i): INITIAL for i in range(ACCOUNTS)}
         self.total = ACCOUNTS * INITIAL
         self.last_commit_ts = 0
@@ -323,34 +324,16 @@ class Soak:
             next_at = {"sample": started + a.sample_every, "check": started + a.check_every,
                        "checkpoint": started + a.checkpoint_every, "prune": started + a.prune_every,
                        "kill": started + a.kill_every}
-            last_sample = started
-            while time.monotonic() < end:
-                self.transfer_round()
-                self.block()
-                now = time.monotonic()
-                if now >= next_at["check"]:
-                    self.full_check()
-                    self.snapshot_read_and_scan()
-                    next_at["check"] = now + a.check_every
-                if now >= next_at["checkpoint"]:
-                    self.checkpoint()
-                    next_at["checkpoint"] = now + a.checkpoint_every
-                if now >= next_at["prune"]:
-                    self.prune()
-                    next_at["prune"] = now + a.prune_every
-                if a.kill_every > 0 and now >= next_at["kill"]:
-                    self.kill_random_shard()
-                    next_at["kill"] = now + a.kill_every
-                if now >= next_at["sample"]:
-                    row = self.sample(now - started, now - last_sample)
-                    last_sample = now
-                    next_at["sample"] = now + a.sample_every
-                    log(f"t={row['t']:6.0f}s tps={row['tps']:8.0f} p99={row['p99_ms'] or 0:7.2f}ms "
-                        f"rss={row['rss_total'] / 2**20:6.0f}MiB disk={row['disk_bytes'] / 2**20:6.1f}MiB "
-                        f"flushes={row['flush_count']} pruned={row['versions_pruned']} kills={self.counts['kills']} "
-                        f"violations={len(self.violations)}")
-            self.full_check()
-            self.snapshot_read_and_scan()
+            try:
+                self.run_rounds(started, end, next_at)
+            except KeyboardInterrupt:
+                # Ctrl-C in a terminal reaches the node too (same process group), which then
+                # stops gracefully: no final checks against it, just the report so far.
+                self.interrupted_at = time.monotonic() - started
+                log(f"interrupted after {self.interrupted_at:.0f}s: writing the report so far")
+            if self.interrupted_at is None:
+                self.full_check()
+                self.snapshot_read_and_scan()
             self.check_resources()
         finally:
             self.conn.close()
@@ -358,7 +341,38 @@ class Soak:
             if rc not in (0, None):
                 self.violations.add("graceful stop", f"node exited with status {rc} on SIGTERM")
         self.write_report()
-        return 1 if self.violations else 0
+        if self.violations:
+            return 1
+        return 130 if self.interrupted_at is not None else 0
+
+    def run_rounds(self, started: float, end: float, next_at: dict) -> None:
+        a = self.args
+        last_sample = started
+        while time.monotonic() < end:
+            self.transfer_round()
+            self.block()
+            now = time.monotonic()
+            if now >= next_at["check"]:
+                self.full_check()
+                self.snapshot_read_and_scan()
+                next_at["check"] = now + a.check_every
+            if now >= next_at["checkpoint"]:
+                self.checkpoint()
+                next_at["checkpoint"] = now + a.checkpoint_every
+            if now >= next_at["prune"]:
+                self.prune()
+                next_at["prune"] = now + a.prune_every
+            if a.kill_every > 0 and now >= next_at["kill"]:
+                self.kill_random_shard()
+                next_at["kill"] = now + a.kill_every
+            if now >= next_at["sample"]:
+                row = self.sample(now - started, now - last_sample)
+                last_sample = now
+                next_at["sample"] = now + a.sample_every
+                log(f"t={row['t']:6.0f}s tps={row['tps']:8.0f} p99={row['p99_ms'] or 0:7.2f}ms "
+                    f"rss={row['rss_total'] / 2**20:6.0f}MiB disk={row['disk_bytes'] / 2**20:6.1f}MiB "
+                    f"flushes={row['flush_count']} pruned={row['versions_pruned']} kills={self.counts['kills']} "
+                    f"violations={len(self.violations)}")
 
     def check_resources(self) -> None:
         """RSS and disk are bounded, and RSS does not trend upward after warm-up."""
@@ -409,7 +423,7 @@ class Soak:
         failed = {v["invariant"] for v in self.violations}
         md = ["# shardkv soak", "",
               f"Duration {self.args.duration:.0f}s, {self.args.shards} shards, seed {self.args.seed}. "
-              f"Result: **{'FAIL' if self.violations else 'PASS'}**.", "",
+              f"Result: **{self.verdict()}**.", "",
               "| invariant | status |", "|---|---|"]
         md += [f"| {name} | {'**violated**' if name in failed else 'ok'} |" for name in invariants]
         md += ["", "| counter | value |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in self.counts.items()]
@@ -419,9 +433,18 @@ class Soak:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "report.md").write_text("\n".join(md) + "\n")
         (self.out / "report.json").write_text(json.dumps(
-            {"args": vars(self.args), "passed": not self.violations, "violations": self.violations,
+            {"args": vars(self.args), "passed": not self.violations and self.interrupted_at is None,
+             "interrupted_at": self.interrupted_at, "violations": self.violations,
              "counts": self.counts, "samples": self.samples, "plots": rep.plots}, indent=1, default=str))
-        log(f"report: {self.out / 'report.md'} ({'FAIL' if self.violations else 'PASS'})")
+        log(f"report: {self.out / 'report.md'} ({self.verdict()})")
+
+    def verdict(self) -> str:
+        if self.violations:
+            return "FAIL"
+        if self.interrupted_at is not None:
+            return (f"INTERRUPTED after {self.interrupted_at:.0f}s, no violation so far "
+                    "(the final ledger check did not run)")
+        return "PASS"
 
 
 def dir_bytes(path: Path) -> int:

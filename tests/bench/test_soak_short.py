@@ -44,3 +44,31 @@ def test_disk_trend_rule_flags_steady_growth_and_passes_swings():
     swinging = [{"disk_bytes": (80 + 30 * math.sin(i / 3)) * mib} for i in range(100)]
     assert disk_grows(*first_and_last_third(growing, "disk_bytes"))
     assert not disk_grows(*first_and_last_third(swinging, "disk_bytes"))
+
+
+def test_ctrl_c_stops_the_soak_with_a_report_of_the_run_so_far(tmp_path):
+    """A soak of hours stopped early (SIGINT, as Ctrl-C sends) still leaves its report:
+    marked interrupted, exit status 130, the samples so far, the node stopped."""
+    import os
+    import signal
+    out = tmp_path / "soak"
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/benchmarks/soak.py", "--duration", "10m", "--sample-every", "1",
+         "--kill-every", "0", "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:                 # the first progress line: rounds are running
+            if " t=" in line:
+                break
+        os.kill(proc.pid, signal.SIGINT)
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, rest[-2000:]
+    assert "Traceback" not in rest
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["passed"] is False and doc["interrupted_at"] > 0 and not doc["violations"]
+    assert len(doc["samples"]) >= 1
+    assert "INTERRUPTED" in (out / "report.md").read_text()

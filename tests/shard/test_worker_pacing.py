@@ -1,0 +1,70 @@
+"""Background work (flush, prune, freeing) yields to requests: a real ShardWorker in this
+process, its real Unix socket and RocksDB, driven one loop pass at a time. A slice made
+while requests come in is followed by MAINTENANCE_PACE times its duration without one;
+with no request, slices run back to back."""
+import time
+
+import pytest
+
+from shard import messages as m
+from shard import worker as worker_module
+from shard.link import FrameClient
+from shard.worker import MAINTENANCE_PACE, ShardWorker
+
+SLICE_SECS = 0.02        # a slow slice, so the paced window is far above timer noise
+
+
+@pytest.fixture
+def shard(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.setattr(worker_module, "tune_gc", lambda: None)   # not this process's GC
+    w = ShardWorker({"shard": 0, "shards": 1, "data_dir": str(tmp_path / "data"),
+                     "run_dir": str(run_dir), "config": {"flush": {"flush_on_start": False}}})
+    w.boot()
+    client = FrameClient(w.endpoint)
+    slices = []
+
+    def slow_slice():
+        slices.append(time.monotonic())
+        time.sleep(SLICE_SECS)           # stands in for encoding and writing a chunk
+    w.maintenance_step = slow_slice
+    w.prune_job = {"before": 0, "waiters": []}   # background work is pending
+    yield w, client, slices
+    w.prune_job = None
+    client.stream.close()
+    w.shutdown()
+
+
+def ping(client, rid):
+    client.send(m.pack({"op": m.PING, "rid": rid}))      # not answered here: not needed
+
+
+def test_a_slice_made_while_serving_is_followed_by_a_paced_gap(shard):
+    w, client, slices = shard
+    w.loop_pass()                       # accepts the connection (no request yet: a slice)
+    assert w.maintenance_after == 0.0 and len(slices) == 1
+    ping(client, 2)
+    w.loop_pass()                       # serves the ping, then one slice
+    assert len(slices) == 2
+    done = time.monotonic()
+    assert w.maintenance_after >= done + (MAINTENANCE_PACE * SLICE_SECS) * 0.9
+    assert w.poll_timeout_ms() >= int(MAINTENANCE_PACE * SLICE_SECS * 1000 * 0.8)
+    ping(client, 3)
+    w.loop_pass()                       # a request inside the window: served, no slice
+    assert len(slices) == 2
+    for _ in range(100):                # the poll waits out the window, then the next slice
+        w.loop_pass()
+        if len(slices) == 3:
+            break
+    assert len(slices) == 3
+    assert slices[2] - slices[1] >= SLICE_SECS * (1 + MAINTENANCE_PACE) * 0.9
+
+
+def test_with_no_request_slices_run_back_to_back(shard):
+    w, client, slices = shard
+    for _ in range(4):
+        w.loop_pass()                   # the first accepts the connection
+    assert len(slices) == 4
+    assert w.maintenance_after == 0.0
+    assert w.poll_timeout_ms() == 0     # the next slice is due at once
