@@ -43,3 +43,16 @@ def test_node_quick_compares_with_redis_and_writes_the_report(tmp_path):
     for png in ("node_throughput.png", "node_latency.png", "node_cpu.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert any(p.startswith("node_client_") for p in doc["profiles"])
+
+
+def test_the_reported_pair_is_the_one_with_the_median_ratio():
+    """Runs drift with the host: the ratio is taken within a pair, and the pair reported is
+    the one with the median ratio (the lower middle one of an even count), whatever the
+    absolute speeds."""
+    from node_suite import median_pair
+    runs = [({"tps": n}, {"tps": r}) for n, r in
+            [(37_940, 58_224), (48_664, 55_914), (47_742, 61_640), (45_300, 60_296)]]
+    node, redis = median_pair(runs)
+    assert (node["tps"], redis["tps"]) == (45_300, 60_296)          # ratios .65 .87 .77 .75
+    assert median_pair(runs[:3]) == runs[2]                           # .65 .87 .77 -> .77
+    assert median_pair(runs[:1]) == runs[0]
