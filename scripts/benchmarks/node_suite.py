@@ -243,42 +243,15 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
             redis_roles = {"client": psutil.Process(), "redis-server": psutil.Process(redis_proc.proc.pid)}
             redis_lat = redis_latency(redis_proc.client, sha, s.latency_txns, rng)
             echo_lat = echo_latency(s.latency_txns)
-            scaling, pairs, main_lat, flushing_lat = {}, {}, None, None
+
+            def redis_run() -> dict:
+                return metered(redis_roles, lambda: redis_transfers(redis_proc.client, sha, s.seconds, rng))
+            scaling, pairs, lat = {}, {}, {}
             for shards in shard_counts:
-                log(f"starting shardkv node with {shards} shard(s)")
-                node = NodeProcess(tmp / f"data-{shards}", shards)
-                conn = Conn(node.endpoint)
-                try:
-                    load_accounts(conn)
-                    roles = {"client": psutil.Process(), **node_roles(node.pid)}
-                    if shards == main_shards:      # the client profile: a run of its own, not timed
-                        with profiled(report, f"node_client_{shards}shards"):
-                            shardkv_transfers(conn, s.profile_seconds, s.rounds_in_flight, rng)
-                    runs = []
-                    for i in range(s.pairs):
-                        r_redis = metered(redis_roles, lambda: redis_transfers(redis_proc.client, sha, s.seconds, rng))
-                        r_node = metered(roles, lambda: shardkv_transfers(conn, s.seconds, s.rounds_in_flight, rng))
-                        runs.append((r_node, r_redis))
-                        log(f"  pair {i + 1}/{s.pairs}: redis {r_redis['tps']:,.0f}, shardkv {shards} shard(s) "
-                            f"{r_node['tps']:,.0f} transfers/s, ratio {r_node['tps'] / r_redis['tps']:.2f}")
-                    pairs[shards] = runs
-                    scaling[shards] = median_pair(runs)
-                    if shards == main_shards:
-                        flushing_lat = shardkv_latency(conn, s.latency_txns, rng, shards)
-                        flushed = conn.call("flush")
-                        if not flushed.get("ok"):
-                            raise RuntimeError(f"flush before the latency run failed: {flushed}")
-                        main_lat = shardkv_latency(conn, s.latency_txns, rng, shards)
-                        stats = conn.call("stats")
-                        report.series["node_stats"] = stats
-                    total = total_balance(conn)
-                    if total != ACCOUNTS * INITIAL:
-                        report.note(f"INVARIANT: shardkv total balance {total} != {ACCOUNTS * INITIAL} ({shards} shards)")
-                finally:
-                    conn.close()
-                    rc = node.stop()
-                    if rc not in (0, None):
-                        report.note(f"node with {shards} shards exited with status {rc} on SIGTERM")
+                pairs[shards], found = shard_count_runs(report, s, shards, shards == main_shards, tmp, rng, redis_run)
+                scaling[shards] = median_pair(pairs[shards])
+                lat.update(found)
+            main_lat, flushing_lat = lat["after_flush"], lat["flushing"]
             assert redis_total(redis_proc.client) == ACCOUNTS * INITIAL, "redis lost money"
         finally:
             redis_proc.stop()
@@ -339,6 +312,47 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
         _plot_latency(report, main_lat, redis_lat, echo_lat, flushing_lat)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shard_count_runs(report: Report, s: Settings, shards: int, main: bool, tmp: Path,
+                     rng: random.Random, redis_run) -> tuple[list, dict]:
+    """One node with `shards` shards: load the accounts, then `s.pairs` interleaved pairs
+    (redis_run(), then a shardkv run of the same length), and for the main shard count also
+    the client profile (a run of its own, not timed) and the two latency runs. Returns
+    ([(shardkv run, redis run), ...], {"flushing": ..., "after_flush": ...} or {})."""
+    log(f"starting shardkv node with {shards} shard(s)")
+    node = NodeProcess(tmp / f"data-{shards}", shards)
+    conn = Conn(node.endpoint)
+    lat = {}
+    try:
+        load_accounts(conn)
+        roles = {"client": psutil.Process(), **node_roles(node.pid)}
+        if main:
+            with profiled(report, f"node_client_{shards}shards"):
+                shardkv_transfers(conn, s.profile_seconds, s.rounds_in_flight, rng)
+        runs = []
+        for i in range(s.pairs):
+            r_redis = redis_run()
+            r_node = metered(roles, lambda: shardkv_transfers(conn, s.seconds, s.rounds_in_flight, rng))
+            runs.append((r_node, r_redis))
+            log(f"  pair {i + 1}/{s.pairs}: redis {r_redis['tps']:,.0f}, shardkv {shards} shard(s) "
+                f"{r_node['tps']:,.0f} transfers/s, ratio {r_node['tps'] / r_redis['tps']:.2f}")
+        if main:
+            lat["flushing"] = shardkv_latency(conn, s.latency_txns, rng, shards)
+            flushed = conn.call("flush")
+            if not flushed.get("ok"):
+                raise RuntimeError(f"flush before the latency run failed: {flushed}")
+            lat["after_flush"] = shardkv_latency(conn, s.latency_txns, rng, shards)
+            report.series["node_stats"] = conn.call("stats")
+        total = total_balance(conn)
+        if total != ACCOUNTS * INITIAL:
+            report.note(f"INVARIANT: shardkv total balance {total} != {ACCOUNTS * INITIAL} ({shards} shards)")
+        return runs, lat
+    finally:
+        conn.close()
+        rc = node.stop()
+        if rc not in (0, None):
+            report.note(f"node with {shards} shards exited with status {rc} on SIGTERM")
 
 
 def median_pair(runs: list) -> tuple:
