@@ -38,6 +38,17 @@ is_count(PyObject *o)
     return v >= 0;
 }
 
+/* The size of key when it is an exact bytes object of 1..max_key bytes, else -1. */
+static Py_ssize_t
+key_size(PyObject *key, Py_ssize_t max_key)
+{
+    Py_ssize_t n;
+    if (!PyBytes_CheckExact(key))
+        return -1;
+    n = PyBytes_GET_SIZE(key);
+    return (n == 0 || n > max_key) ? -1 : n;
+}
+
 /* One txn body. Returns a new reference: the normalized dict, Py_None (not accepted),
  * or NULL with an exception set (out of memory only). */
 static PyObject *
@@ -85,10 +96,8 @@ parse_body(PyObject *entry, Py_ssize_t max_key, Py_ssize_t max_value, Py_ssize_t
             goto reject;
         key = PyList_GET_ITEM(item, 0);
         version = PyList_GET_ITEM(item, 1);
-        if (!PyBytes_CheckExact(key) || !is_count(version))
-            goto reject;
-        n = PyBytes_GET_SIZE(key);
-        if (n == 0 || n > max_key)
+        n = key_size(key, max_key);
+        if (n < 0 || !is_count(version))
             goto reject;
         total += n;
         pair = PyTuple_Pack(2, key, version);
@@ -107,10 +116,8 @@ parse_body(PyObject *entry, Py_ssize_t max_key, Py_ssize_t max_value, Py_ssize_t
             goto reject;
         key = PyList_GET_ITEM(item, 0);
         value = PyList_GET_ITEM(item, 1);
-        if (!PyBytes_CheckExact(key))
-            goto reject;
-        n = PyBytes_GET_SIZE(key);
-        if (n == 0 || n > max_key)
+        n = key_size(key, max_key);
+        if (n < 0)
             goto reject;
         if (value != Py_None) {
             if (!PyBytes_CheckExact(value) || PyBytes_GET_SIZE(value) > max_value)

@@ -11,8 +11,9 @@ Order (DESIGN.md "MVCC and flush"):
 3. finish: a RocksDB flush of `data` to SST files (durable), started without waiting;
    later steps only check its progress (FlushJob.wait_step). Then one WAL-on meta write
    of flushed_seq / block / live_keys / max_ts and the 2PC snapshot, then delete the log
-   up to freeze_seq, then hand the frozen memtable to engine.release_step. A crash before the meta write replays the log (idempotent: same rows);
-   after it, the log rows <= flushed_seq are skipped whether or not they were deleted.
+   up to freeze_seq, then hand the frozen memtable to engine.release_step. A crash
+   before the meta write replays the log (idempotent: same rows); after it, the log rows
+   <= flushed_seq are skipped whether or not they were deleted.
 """
 from __future__ import annotations
 

@@ -289,10 +289,9 @@ class ShardWorker:
             if peer.closed:
                 self.drop_peer(peer)
         now = self.finish_pass()
-        if ((self.flush_job is not None or self.prune_job is not None or self.engine.released)
-                and now >= self.maintenance_after):
-            # One flush/prune chunk, after this pass's replies are out, so a chunk of
-            # background work never delays an acknowledgement (tail latency).
+        if self.background_pending and now >= self.maintenance_after:
+            # One slice of background work, after this pass's replies are out, so it never
+            # delays an acknowledgement (tail latency).
             started = now
             self.maintenance_step()
             if self.out or (self.deferred and self.unblocked):
@@ -657,18 +656,19 @@ class ShardWorker:
         elif self.prune_job is not None:
             self.step_prune()
 
+    @property
+    def background_pending(self) -> bool:
+        """A memtable to free, or a flush or prune job running (maintenance_step's work)."""
+        return bool(self.engine.released) or self.flush_job is not None or self.prune_job is not None
+
     def poll_timeout_ms(self) -> int:
         """Do not sleep while background work has a next slice; while a flush only waits
         for RocksDB's background threads, look again soon without spinning a core."""
-        engine = self.engine
-        if engine.released:
-            wait = 0
-        elif self.flush_job is not None:        # stepped before any prune (maintenance_step)
-            wait = FLUSH_WAIT_POLL_MS if engine.flush_waiting else 0
-        elif self.prune_job is not None:
-            wait = 0
-        else:
+        if not self.background_pending:
             return POLL_MS
+        engine = self.engine
+        # maintenance_step frees before it steps a flush, and steps a flush before a prune
+        wait = FLUSH_WAIT_POLL_MS if not engine.released and engine.flush_waiting else 0
         paced = self.maintenance_after - time.monotonic()
         return max(wait, math.ceil(paced * 1000)) if paced > 0 else wait
 

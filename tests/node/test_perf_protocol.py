@@ -96,6 +96,9 @@ def test_the_native_parser_is_built_where_a_compiler_is_and_the_router_uses_it()
         pytest.skip("no C compiler on this machine: the Python fast path is the expected one")
     assert protocol.PARSER == "native"
     assert protocol._FAST_PARSERS["batch"] is protocol._native_fast_batch
+
+
+def test_fast_get_takes_the_common_shape():
     assert protocol._fast_get({"keys": [b"a", b"b"]}, LIMITS) == {"keys": [b"a", b"b"], "at": None}
 
 
