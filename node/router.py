@@ -37,6 +37,7 @@ from node.protocol import Limits, ProtocolError, decode_request, encode_error, e
 from node.security import secure_client_socket
 from node.timestamps import TimestampOracle
 from shard import messages as m
+from shard.busypoll import BusyPoller, busy_poll_secs
 from shard.histogram import Histogram, RateWindow, summary_ms
 from shard.keycodec import prefix_end
 from shard.link import POLLOUT, connect
@@ -239,6 +240,7 @@ class Router:
             sys.exit(EXIT_FATAL)
         self.signals = SignalPipe()
         self.poller = zmq.Poller()
+        self.waiter = BusyPoller(self.poller, busy_poll_secs(self.config))
         self.poller.register(self.signals.r, zmq.POLLIN)
         for i in range(self.nshards):
             link = ShardLink(i, os.path.join(self.run_dir, f"shard-{i}.sock"))
@@ -281,7 +283,7 @@ class Router:
         return 0
 
     def loop_pass(self) -> None:
-        events = dict(self.poller.poll(POLL_MS))
+        events = self.waiter.poll(POLL_MS)
         if self.signals.r in events:
             for _ in self.signals.drain():
                 self.stopping = True

@@ -33,6 +33,7 @@ from bisect import bisect_left
 import zmq
 
 from shard import messages as m
+from shard.busypoll import BusyPoller, busy_poll_secs
 from shard.config import EngineConfig
 from shard.engine import ShardEngine
 from shard.errors import Blocked, BadRequest, Conflict, TooOld
@@ -191,6 +192,7 @@ class ShardWorker:
         router_cfg = self.config.get("router", {})
         self.read_wait = float(router_cfg.get("read_wait_secs", 1.0))
         self.stats_interval = float(self.config.get("supervisor", {}).get("stats_interval_secs", 0.5))
+        self.busy_poll_secs = busy_poll_secs(self.config)
         prune_cfg = self.config.get("prune", {})
         self.keep_versions = int(prune_cfg.get("keep_versions", 3))
         self.auto_prune_secs = float(prune_cfg.get("auto_interval_secs", 0))
@@ -233,6 +235,7 @@ class ShardWorker:
             sys.exit(EXIT_FATAL)
         self.signals = SignalPipe()
         self.poller = zmq.Poller()
+        self.waiter = BusyPoller(self.poller, self.busy_poll_secs)
         self.poller.register(self.listener.fd, zmq.POLLIN)
         self.poller.register(self.signals.r, zmq.POLLIN)
         if self.config.get("flush", {}).get("flush_on_start", True):
@@ -266,7 +269,7 @@ class ShardWorker:
     # -- the loop
 
     def loop_pass(self) -> None:
-        events = dict(self.poller.poll(self.poll_timeout_ms()))
+        events = self.waiter.poll(self.poll_timeout_ms())
         if self.signals.r in events:
             for sig in self.signals.drain():
                 self.handle_signal(sig)

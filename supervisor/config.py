@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from node.security import is_loopback
+from shard.busypoll import DEFAULT_WINDOW_US
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = REPO_ROOT / "configs" / "node.toml"
@@ -67,6 +68,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "listen": Key(str, "tcp://127.0.0.1:7450"),          # checked by check_endpoint
         "metrics_host": Key(str, "127.0.0.1", non_empty),
         "metrics_port": Key(int, 9450, between(0, 65535)),  # 0 = no metrics server
+        "busy_poll_us": Key(int, DEFAULT_WINDOW_US, between(0, 100_000)),  # 0 = always block in poll
     },
     "limits": {
         "max_key_bytes": Key(int, 10000, at_least(1)),

@@ -59,6 +59,8 @@ class Settings:
         self.profile_seconds = 2.0 if quick else 4.0
         self.latency_txns = 300 if quick else 5_000
         self.rounds_in_flight = 4
+        self.paced_rate = 1000                      # txns/s, one at a time: busy polling's CPU price
+        self.paced_seconds = 1.5 if quick else 4.0
 
 
 # -- shardkv ------------------------------------------------------------------------------------
@@ -150,6 +152,28 @@ def echo_latency(n: int) -> dict:
     finally:
         conn.close()
         echo.stop()
+
+
+def paced_txns(conn: Conn, roles: dict, rate: float, seconds: float, rng: random.Random) -> dict:
+    """Single blind-write txns, one per round trip, started `rate` times a second for
+    `seconds`: a trickle whose gaps are longer than the busy-poll window. Returns the txns
+    done and the node's CPU as cores busy (the client excluded: it mostly sleeps here)."""
+    node_roles_only = {k: v for k, v in roles.items() if k != "client"}
+    done = 0
+    with CpuMeter(node_roles_only) as meter:
+        started = time.perf_counter()
+        deadline = started + seconds
+        next_at = started
+        while (now := time.perf_counter()) < deadline:
+            if now < next_at:
+                time.sleep(next_at - now)
+            next_at += 1 / rate
+            # keys of their own: the accounts' total balance stays checkable
+            a, b = (b"paced%05d" % i for i in rng.sample(range(ACCOUNTS), 2))
+            if conn.call("txn", reads=[], writes=[[a, b"0"], [b, b"0"]]).get("ok"):
+                done += 1
+        elapsed = time.perf_counter() - started
+    return {"txns_per_sec": done / elapsed, "node_cores_busy": sum(meter.used.values()) / elapsed}
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -252,6 +276,7 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
                 scaling[shards] = median_pair(pairs[shards])
                 lat.update(found)
             main_lat, flushing_lat = lat["after_flush"], lat["flushing"]
+            no_busy_poll = busy_poll_off_runs(s, main_shards, tmp, rng)
             assert redis_total(redis_proc.client) == ACCOUNTS * INITIAL, "redis lost money"
         finally:
             redis_proc.stop()
@@ -299,17 +324,27 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
         vs_redis("ZeroMQ echo round trip P{pct} (transport floor: no work)", echo_lat["echo"],
                  note="what one client round trip over ZeroMQ costs before any work")
         vs_redis(f"transfer latency get+txn P{{pct}} ({main_shards} shards)", main_lat["transfer"])
+        vs_redis(f"single txn latency P{{pct}}, busy polling off ({main_shards} shards)",
+                 no_busy_poll["latency"]["txn"],
+                 note="[node] busy_poll_us = 0 on a fresh node; the figures above use the default")
+        on, off = lat["paced"], no_busy_poll["paced"]
+        report.add(Figure(SUITE, f"node CPU at {s.paced_rate:,} single txns/s, one at a time ({main_shards} shards)",
+                          on["node_cores_busy"], "cores", peer="busy polling off", peer_value=off["node_cores_busy"],
+                          higher_is_better=False,
+                          note=f"busy polling's price while requests trickle in; done "
+                               f"{on['txns_per_sec']:,.0f}/s with it, {off['txns_per_sec']:,.0f}/s without"))
         report.series["node_throughput"] = {
             "redis": redis_best, "shardkv": {str(k): v[0] for k, v in scaling.items()},
             "pairs": {str(k): [{"shardkv_tps": n["tps"], "redis_tps": r["tps"], "ratio": n["tps"] / r["tps"]}
                                for n, r in runs] for k, runs in pairs.items()}}
         report.series["node_latency"] = {"shardkv": main_lat, "shardkv_flushing": flushing_lat,
+                                         "shardkv_busy_poll_off": no_busy_poll["latency"],
                                          "redis": redis_lat, "echo": echo_lat}
         bars = {"Redis AOF Lua": rtps}
         bars.update({f"shardkv {k} shard(s)": v[0]["tps"] for k, v in scaling.items()})
         plot_bars(report, "node_throughput.png", "Bank transfers/s, 10,000 accounts, one Python client", bars,
                   "transfers/s")
-        _plot_latency(report, main_lat, redis_lat, echo_lat, flushing_lat)
+        _plot_latency(report, main_lat, redis_lat, echo_lat, flushing_lat, no_busy_poll["latency"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -343,6 +378,7 @@ def shard_count_runs(report: Report, s: Settings, shards: int, main: bool, tmp: 
             if not flushed.get("ok"):
                 raise RuntimeError(f"flush before the latency run failed: {flushed}")
             lat["after_flush"] = shardkv_latency(conn, s.latency_txns, rng, shards)
+            lat["paced"] = paced_txns(conn, roles, s.paced_rate, s.paced_seconds, rng)
             report.series["node_stats"] = conn.call("stats")
         total = total_balance(conn)
         if total != ACCOUNTS * INITIAL:
@@ -353,6 +389,23 @@ def shard_count_runs(report: Report, s: Settings, shards: int, main: bool, tmp: 
         rc = node.stop()
         if rc not in (0, None):
             report.note(f"node with {shards} shards exited with status {rc} on SIGTERM")
+
+
+def busy_poll_off_runs(s: Settings, shards: int, tmp: Path, rng: random.Random) -> dict:
+    """A node like the main one but with busy polling off ([node] busy_poll_us = 0): its
+    single-txn latency and its CPU at the paced trickle, for the figures of the trade-off."""
+    log(f"starting shardkv node with {shards} shard(s), busy polling off")
+    config = tmp / "busy-poll-off.toml"
+    config.write_text("[node]\nbusy_poll_us = 0\n")
+    node = NodeProcess(tmp / f"data-{shards}-busy-poll-off", shards, config=config)
+    conn = Conn(node.endpoint)
+    try:
+        load_accounts(conn)
+        return {"latency": shardkv_latency(conn, s.latency_txns, rng, shards),
+                "paced": paced_txns(conn, node_roles(node.pid), s.paced_rate, s.paced_seconds, rng)}
+    finally:
+        conn.close()
+        node.stop()
 
 
 def median_pair(runs: list) -> tuple:
@@ -369,12 +422,13 @@ def node_available() -> bool:
 
 
 def _plot_latency(report: Report, lat: dict, redis_lat: dict, echo_lat: dict,
-                  flushing_lat: dict) -> None:
+                  flushing_lat: dict, no_busy_poll_lat: dict) -> None:
     qs = [0.5, 0.75, 0.9, 0.95, 0.99, 0.999]
     xs = [q * 100 for q in qs]
     plot_lines(report, "node_latency.png", "Single-request latency by percentile", "percentile",
                {"shardkv txn": (xs, [percentile(lat["txn"], q) * 1000 for q in qs]),
                 "shardkv txn, flush running": (xs, [percentile(flushing_lat["txn"], q) * 1000 for q in qs]),
+                "shardkv txn, busy polling off": (xs, [percentile(no_busy_poll_lat["txn"], q) * 1000 for q in qs]),
                 "shardkv get+txn": (xs, [percentile(lat["transfer"], q) * 1000 for q in qs]),
                 "Redis EVALSHA": (xs, [percentile(redis_lat["txn"], q) * 1000 for q in qs]),
                 "ZeroMQ echo (no work)": (xs, [percentile(echo_lat["echo"], q) * 1000 for q in qs])}, "ms")

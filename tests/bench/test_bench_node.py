@@ -32,6 +32,11 @@ def test_node_quick_compares_with_redis_and_writes_the_report(tmp_path):
     floor = next(f for f in doc["figures"] if f["name"].startswith("ZeroMQ echo round trip P99"))
     assert floor["value"] > 0 and floor["peer"].startswith("Redis")
     assert len(doc["series"]["node_latency"]["echo"]["echo"]) > 0
+    off = next(f for f in doc["figures"] if f["name"].startswith("single txn latency P99, busy polling off"))
+    assert off["value"] > 0 and off["peer"].startswith("Redis")
+    assert len(doc["series"]["node_latency"]["shardkv_busy_poll_off"]["txn"]) > 0
+    paced = next(f for f in doc["figures"] if f["name"].startswith("node CPU at 1,000 single txns/s"))
+    assert paced["value"] > 0 and paced["peer_value"] > 0 and paced["peer"] == "busy polling off"
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| node |")]
     assert len(rows) == len(doc["figures"])
     cpu = {f["name"]: f for f in doc["figures"] if f["name"].startswith("CPU per transfer")}

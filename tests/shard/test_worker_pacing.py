@@ -20,7 +20,9 @@ def shard(tmp_path, monkeypatch):
     run_dir.mkdir()
     monkeypatch.setattr(worker_module, "tune_gc", lambda: None)   # not this process's GC
     w = ShardWorker({"shard": 0, "shards": 1, "data_dir": str(tmp_path / "data"),
-                     "run_dir": str(run_dir), "config": {"flush": {"flush_on_start": False}}})
+                     "run_dir": str(run_dir), "config": {"flush": {"flush_on_start": False},
+                                # each loop_pass below blocks in poll (no busy-poll window)
+                                "node": {"busy_poll_us": 0}}})
     w.boot()
     client = FrameClient(w.endpoint)
     slices = []                          # (start, end) of each slice

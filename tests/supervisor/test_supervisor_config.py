@@ -48,6 +48,8 @@ def test_missing_keys_take_defaults_and_overrides_win(tmp_path):
     ("[rocksdb]\ncompression = \"gzip\"\n", "rocksdb.compression: must be one of"),
     ("[limits]\nmax_key_bytes = -1\n", "limits.max_key_bytes: must be >= 1, got -1"),
     ("[node]\nmetrics_port = 70000\n", "node.metrics_port: must be between 0 and 65535"),
+    ("[node]\nbusy_poll_us = -1\n", "node.busy_poll_us: must be between 0 and 100000, got -1"),
+    ("[node]\nbusy_poll_us = 0.5\n", "node.busy_poll_us: must be an integer, got 0.5"),
     ("[batch_writer]\nmin_chunk = 10\nmax_chunk = 5\n", "batch_writer.max_chunk: must be >= batch_writer.min_chunk"),
     ("[supervisor]\nheartbeat_timeout_secs = 0.1\n", "supervisor.heartbeat_timeout_secs: must be > supervisor.stats_interval_secs"),
     ("[node]\nlisten = \"127.0.0.1:7450\"\n", "node.listen: must be tcp://HOST:PORT or ipc://PATH"),
