@@ -16,11 +16,14 @@ its shards when T is allocated, and outboxes are sent in append order, so every 
 sees messages in allocation order. Reads use S = last allocated ts.
 
 2PC: txn id = its ts T (unique, never reused). prepare(T) to all participants; all ok ->
-commit_prepared to all (the decision is durable once one shard holds its outcome); reply
-after the first ack; forget once every participant acked. Recovery (router start, or a shard
-with a new incarnation or back from silence): a prepared txn commits iff some participant
-has an outcome record for it, else it is aborted; a shard gets no other message until
-its prepared txns are resolved.
+commit_prepared to all, and the reply goes out at that decision: every participant holds
+T prepared durably, so the recovery rule can only commit it. An abort that every
+participant may have prepared (a prepare result lost, a participant restarted) is answered
+at the first abort_prepared ack instead. Forget once every participant acked the commit.
+Recovery (router start, or a shard with a new incarnation or back from silence): a prepared
+txn commits iff some participant has an outcome record for it or every participant holds it
+prepared, else it is aborted; a shard gets no other message until its prepared txns are
+resolved.
 """
 import collections
 import json
@@ -91,7 +94,7 @@ class ShardLink:
 class TxnGroup:
     """One `txns` message to a shard: its items and, per item, what to tell on the result:
     (KIND_COMMIT, owner, index, ts) | (KIND_PREPARE, TwoPC) | (KIND_COMMIT_PREPARED, TwoPC,
-    shard) | (KIND_ABORT,)."""
+    shard) | (KIND_ABORT, TwoPC)."""
     __slots__ = ("items", "targets")
 
     def __init__(self):
@@ -101,12 +104,18 @@ class TxnGroup:
 
 KIND_COMMIT, KIND_PREPARE, KIND_COMMIT_PREPARED, KIND_ABORT = range(4)
 
+# Shard error codes that say a prepare did not take effect: a refusal the shard answered,
+# or a message for another incarnation (never executed). Any other failure (a lost reply,
+# a timeout, an internal error) leaves the participant possibly prepared.
+NOT_PREPARED = frozenset(("conflict", "bad_request", m.STALE_INC))
+
 
 class TwoPC:
     """A cross-shard txn from prepare until every participant applied the decision.
     The requester is `owner` (a Request for `txn`, a BatchRun for `batch`) entry `index`."""
     __slots__ = ("ts", "participants", "owner", "index", "decision", "unacked",
-                 "waiting", "conflict_keys", "failure", "acks_waiting", "any_ack", "run")
+                 "waiting", "conflict_keys", "failure", "refused", "acks_waiting", "any_ack",
+                 "abort_error", "run")
 
     def __init__(self, ts, participants, owner, index):
         self.ts = ts
@@ -118,8 +127,10 @@ class TwoPC:
         self.waiting = len(participants)   # prepare results still to come
         self.conflict_keys = []
         self.failure = None
-        self.acks_waiting = 0          # commit_prepared results still to come
-        self.any_ack = False
+        self.refused = False           # some participant certainly did not prepare it
+        self.acks_waiting = 0          # abort_prepared results still to come
+        self.any_ack = False           # an abort_prepared succeeded somewhere
+        self.abort_error = None        # the client's error, sent at the first abort ack
         self.run = None                # the BatchRun that holds this txn's keys locked
 
 
@@ -365,6 +376,8 @@ class Router:
                         self.on_prepared(txn, e)
                 elif kind == KIND_COMMIT_PREPARED:
                     self.on_commit_ack(target[1], target[2], e)
+                elif kind == KIND_ABORT:
+                    self.on_abort_ack(target[1], e)
             except Exception as exc:  # a bug in one txn's continuation must not stop the rest
                 sys.stderr.write(f"router: txn result error: {type(exc).__name__}: {exc}\n")
 
@@ -538,16 +551,26 @@ class Router:
             if link.state != "resolving":
                 return
             outcomes = {}
-            for reply in replies.values():
+            holders = collections.defaultdict(set)    # txn -> shards holding it prepared
+            for s, reply in replies.items():
                 if not reply.get("ok"):
                     link.state = "down"
                     return
                 for txn, ts in reply.get("outcomes", {}).items():
                     outcomes[int(txn)] = int(ts)
+                for p in reply.get("prepared", []):
+                    holders[int(p["txn"])].add(s)
             for txn in txns:
+                p = unknown[txn]
+                participants = {int(s) for s in p.get("participants", [])}
                 if txn in outcomes:
-                    self.recovered_commits.add(txn)
-                    unknown[txn]["commit_ts"] = outcomes[txn]
+                    commit_ts = outcomes[txn]
+                elif participants and holders[txn] >= participants:
+                    commit_ts = int(p["ts"])   # the router may have answered it committed
+                else:
+                    continue                   # some participant lacks it: aborted
+                self.recovered_commits.add(txn)
+                p["commit_ts"] = commit_ts
             self.apply_known(link, prepared)
         self.scatter({s: {"op": m.RECOVER_INFO, "txns": txns} for s in asked}, on_outcomes)
 
@@ -883,6 +906,8 @@ class Router:
         if txn.decision is not None:
             return   # decided already (a participant restarted mid-prepare)
         if e is not None:
+            if e.get("code") in NOT_PREPARED:
+                txn.refused = True
             if e.get("code") == "conflict":
                 txn.conflict_keys.extend(e.get("keys", []))
             elif txn.failure is None:
@@ -910,41 +935,58 @@ class Router:
             ts = txn.ts
             for s in txn.participants:
                 link = links[s]
-                if link.state == "up":
-                    txn.acks_waiting += 1
+                if link.state == "up":      # one that is not gets it when it is resolved
                     group = link.group or self.open_group(link)
                     group.items.append([m.ITEM_COMMIT_PREPARED, ts, ts])
                     group.targets.append((KIND_COMMIT_PREPARED, txn, s))
-            if not txn.acks_waiting:
-                self.entry_done(txn.owner, txn.index, {"ok": False, "error": unavailable(
-                    "participants down", outcome="unknown")})
+            # Every participant acked its prepare after making it durable, so the recovery
+            # rule commits this txn whatever fails from here on: answer now rather than
+            # one more shard round trip later. A later read of its keys reaches each shard
+            # after the commit_prepared (FIFO), or waits on the prepared key.
+            self.entry_done(txn.owner, txn.index, {"ok": True, "commit_ts": ts})
         else:
             self.twopc["aborted"] += 1
+            target = (KIND_ABORT, txn)
             for s in txn.participants:
                 if links[s].state == "up":
-                    self.send_item(links[s], [m.ITEM_ABORT_PREPARED, txn.ts], (KIND_ABORT,))
-            self.txns.pop(txn.ts, None)   # a leftover prepare is aborted by recovery (no outcome)
-            self.entry_done(txn.owner, txn.index, {"ok": False, "error": error})
+                    txn.acks_waiting += 1
+                    self.send_item(links[s], [m.ITEM_ABORT_PREPARED, txn.ts], target)
+            self.txns.pop(txn.ts, None)   # a leftover prepare is resolved by recovery
+            if txn.refused:
+                # a participant never prepared it, so no recovery can commit it
+                self.entry_done(txn.owner, txn.index, {"ok": False, "error": error})
+            elif not txn.acks_waiting:
+                self.entry_done(txn.owner, txn.index, {"ok": False, "error": unavailable(
+                    "participants down", outcome="unknown")})
+            else:
+                txn.abort_error = error     # answered at the first abort ack (on_abort_ack)
         if txn.run is not None:
             self.batch_decided(txn.run, txn)
         if self.barriers or self.held:
             self.check_barriers()
 
     def on_commit_ack(self, txn: TwoPC, shard: int, e) -> None:
-        """One participant's commit_prepared result. The first success answers: the commit
-        is durable once one participant holds its outcome record (recovery commits it
-        everywhere from there), and a read of a participant that has not applied it yet
-        waits on the prepared key, so answering before the slower participant is safe and
-        keeps one slow shard out of the txn's latency."""
-        txn.acks_waiting -= 1
+        """One participant's commit_prepared result (the client was answered at the
+        decision). A participant that failed to ack gets the commit again when it is
+        resolved (it still holds the txn prepared, and the router knows the decision)."""
         if e is None:
             self.commit_acked(txn, shard)
-            if not txn.any_ack:
-                txn.any_ack = True
-                self.entry_done(txn.owner, txn.index, {"ok": True, "commit_ts": txn.ts})
-        elif txn.acks_waiting == 0 and not txn.any_ack:
+        elif e.get("code") not in ("unavailable", m.STALE_INC):
+            sys.stderr.write(f"router: commit_prepared of txn {txn.ts} failed at shard {shard}: {e}\n")
+
+    def on_abort_ack(self, txn: TwoPC, e) -> None:
+        """One participant's abort_prepared result. An abort every participant may have
+        prepared is answered at the first success: from then on a participant lacks the
+        txn, so no recovery can commit it."""
+        txn.acks_waiting -= 1
+        if txn.abort_error is None or txn.any_ack:
+            return                  # answered at the decision, or already here
+        if e is None:
+            txn.any_ack = True
+            self.entry_done(txn.owner, txn.index, {"ok": False, "error": txn.abort_error})
+        elif txn.acks_waiting == 0:
             self.entry_done(txn.owner, txn.index, {"ok": False, "error": unavailable(
-                "commit not acknowledged", outcome="unknown")})
+                "abort not acknowledged", outcome="unknown")})
 
     def commit_acked(self, txn: TwoPC, shard: int) -> None:
         txn.unacked.discard(shard)

@@ -4,7 +4,8 @@ Workload (one client, rounds one after another so every check is exact):
 transfers between accounts across shards (`get` + `batch`), a `block` per round (small
 `blocks_per_flush`, so auto-flush runs all the time), snapshot reads and paginated scans
 at one `at`, periodic checkpoints (the oldest deleted) and prunes (plus auto-prune), and
-a SIGKILL of a random shard pid (from `stats`) every --kill-every.
+a SIGKILL of a random shard pid (from `stats`) every --kill-every, and of the router every
+--kill-router-every (the transfers in flight then have an unknown outcome, resolved below).
 
 Invariants, checked continuously; any violation makes the exit status 1:
 - total balance: every full read, snapshot read and scan sums to the initial total;
@@ -104,6 +105,7 @@ class Soak:
         self.last_commit_ts = 0
         self.height = 0
         self.counts = {"committed": 0, "conflict": 0, "unavailable": 0, "unknown_resolved": 0, "kills": 0,
+                       "router_kills": 0,
                        "checkpoints": 0, "prunes": 0, "scans": 0, "snapshot_reads": 0, "full_checks": 0}
         self.samples: list[dict] = []
         self.window_hist = Histogram()
@@ -279,6 +281,18 @@ class Soak:
         self.counts["kills"] += 1
         log(f"SIGKILL shard {victim['shard']} pid {victim['pid']}")
 
+    def kill_router(self) -> None:
+        stats = self.call("stats")
+        pid = stats.get("node", {}).get("router_pid") if stats.get("ok") else None
+        if not pid:
+            return
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.counts["router_kills"] += 1
+        log(f"SIGKILL router pid {pid}")
+
     # -- sampling -------------------------------------------------------------------------
     def sample(self, t: float, dt: float) -> dict:
         stats = self.call("stats", retry_secs=2)
@@ -323,7 +337,7 @@ class Soak:
             end = started + a.duration
             next_at = {"sample": started + a.sample_every, "check": started + a.check_every,
                        "checkpoint": started + a.checkpoint_every, "prune": started + a.prune_every,
-                       "kill": started + a.kill_every}
+                       "kill": started + a.kill_every, "kill_router": started + a.kill_router_every}
             try:
                 self.run_rounds(started, end, next_at)
             except KeyboardInterrupt:
@@ -365,13 +379,16 @@ class Soak:
             if a.kill_every > 0 and now >= next_at["kill"]:
                 self.kill_random_shard()
                 next_at["kill"] = now + a.kill_every
+            if a.kill_router_every > 0 and now >= next_at["kill_router"]:
+                self.kill_router()
+                next_at["kill_router"] = now + a.kill_router_every
             if now >= next_at["sample"]:
                 row = self.sample(now - started, now - last_sample)
                 last_sample = now
                 next_at["sample"] = now + a.sample_every
                 log(f"t={row['t']:6.0f}s tps={row['tps']:8.0f} p99={row['p99_ms'] or 0:7.2f}ms "
                     f"rss={row['rss_total'] / 2**20:6.0f}MiB disk={row['disk_bytes'] / 2**20:6.1f}MiB "
-                    f"flushes={row['flush_count']} pruned={row['versions_pruned']} kills={self.counts['kills']} "
+                    f"flushes={row['flush_count']} pruned={row['versions_pruned']} kills={self.counts['kills']}+{self.counts['router_kills']} "
                     f"violations={len(self.violations)}")
 
     def check_resources(self) -> None:
@@ -470,6 +487,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-every", type=float, default=20.0)
     p.add_argument("--prune-every", type=float, default=15.0, help="explicit prune op and auto-prune interval")
     p.add_argument("--kill-every", type=float, default=30.0, help="SIGKILL a random shard this often (0 = never)")
+    p.add_argument("--kill-router-every", type=float, default=300.0, help="SIGKILL the router this often (0 = never)")
     p.add_argument("--blocks-per-flush", type=int, default=20)
     p.add_argument("--warmup", type=float, default=None, help="seconds ignored by the RSS/disk trend checks")
     p.add_argument("--max-rss-mb", type=float, default=2048)

@@ -1,4 +1,4 @@
-"""A short soak: real node, shard SIGKILLs, invariants; exit 0 and the report exists."""
+"""A short soak: real node, shard and router SIGKILLs, invariants; exit 0 and the report exists."""
 import json
 import subprocess
 import sys
@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def test_short_soak_passes_every_invariant_and_writes_its_report(tmp_path):
     out = tmp_path / "soak"
     proc = subprocess.run(
-        [sys.executable, "scripts/benchmarks/soak.py", "--duration", "2m", "--kill-every", "30",
+        [sys.executable, "scripts/benchmarks/soak.py", "--duration", "2m", "--kill-every", "30", "--kill-router-every", "50",
          "--checkpoint-every", "10", "--prune-every", "8", "--check-every", "4", "--sample-every", "2",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=420)
@@ -25,7 +25,7 @@ def test_short_soak_passes_every_invariant_and_writes_its_report(tmp_path):
     assert doc["passed"] is True
     counts = doc["counts"]
     assert counts["committed"] > 0 and counts["full_checks"] >= 2 and counts["scans"] >= 1
-    assert counts["kills"] >= 1 and counts["checkpoints"] >= 1
+    assert counts["kills"] >= 1 and counts["router_kills"] >= 1 and counts["checkpoints"] >= 1
     assert len(doc["samples"]) >= 5
     assert "PASS" in (out / "report.md").read_text()
     for png in ("tps.png", "p99.png", "rss.png", "disk.png", "flush_prune.png"):

@@ -175,3 +175,22 @@ def test_sigkill_the_router_mid_load_resolves_in_doubt_txns(cluster):
     stats = bank.client.ok("stats")
     assert all(s["prepared"] == 0 for s in stats["shards"])
     assert before > 0
+
+
+@pytest.mark.slow
+def test_sigkill_the_router_right_after_it_answered_keeps_the_answered_commits(cluster):
+    """The router answers a cross-shard commit at its decision, and sends the
+    commit_prepared messages only at the end of that loop pass: a SIGKILL right after
+    an answer can land before any participant applied the commit. Recovery must still
+    commit every answered transfer (each participant holds it prepared)."""
+    bank = Bank(cluster, seed=13)
+    deadline = time.monotonic() + 40
+    bank.rounds(5, deadline)
+    for _ in range(3):
+        sent = bank.send_round()
+        bank.read_round(sent)
+        cluster.kill("router")
+        cluster.start_router()
+        bank.rounds(3, deadline)
+    bank.verify()
+    assert all(s["prepared"] == 0 for s in bank.client.ok("stats")["shards"])
