@@ -36,8 +36,10 @@ class BusyPoller:
         self.clock = clock
         self.yield_cpu = yield_cpu
 
-    def poll(self, timeout_ms: int) -> dict:
-        if timeout_ms and self.window and self.clock() - self.last_event < self.window:
+    def poll(self, timeout_ms: int, spin: bool = True) -> dict:
+        """`spin=False`: block as asked even inside the window (the caller's wait is
+        deliberate, e.g. background work paced to leave the CPU to others)."""
+        if spin and timeout_ms and self.window and self.clock() - self.last_event < self.window:
             events = self.poller.poll(0)
             if not events:
                 self.yield_cpu()

@@ -269,7 +269,8 @@ class ShardWorker:
     # -- the loop
 
     def loop_pass(self) -> None:
-        events = self.waiter.poll(self.poll_timeout_ms())
+        # No busy polling while background work is paced: its waits leave the CPU to others.
+        events = self.waiter.poll(self.poll_timeout_ms(), spin=not self.background_pending)
         if self.signals.r in events:
             for sig in self.signals.drain():
                 self.handle_signal(sig)

@@ -32,6 +32,8 @@ def test_node_quick_compares_with_redis_and_writes_the_report(tmp_path):
     floor = next(f for f in doc["figures"] if f["name"].startswith("ZeroMQ echo round trip P99"))
     assert floor["value"] > 0 and floor["peer"].startswith("Redis")
     assert len(doc["series"]["node_latency"]["echo"]["echo"]) > 0
+    lat = doc["series"]["node_latency"]          # Redis's samples come in blocks between shardkv's
+    assert len(lat["redis"]["txn"]) == len(lat["shardkv"]["txn"]) > 0
     off = next(f for f in doc["figures"] if f["name"].startswith("single txn latency P99, busy polling off"))
     assert off["value"] > 0 and off["peer"].startswith("Redis")
     assert len(doc["series"]["node_latency"]["shardkv_busy_poll_off"]["txn"]) > 0

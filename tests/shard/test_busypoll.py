@@ -83,3 +83,14 @@ def test_the_window_comes_from_node_busy_poll_us(tmp_path):
     w = ShardWorker({"shard": 0, "shards": 1, "data_dir": str(tmp_path / "data"),
                      "run_dir": str(tmp_path), "config": {"node": {"busy_poll_us": 250}}})
     assert w.busy_poll_secs == 0.00025
+
+
+def test_spin_false_blocks_inside_the_window(polled):
+    """The shard's wait between paced background slices is deliberate (it leaves the CPU
+    to the other processes): no busy polling then."""
+    busy, poller, a, b, now, yields = polled
+    a.send(b"x")
+    busy.poll(7)
+    b.recv(1)
+    busy.poll(7, spin=False)
+    assert poller.timeouts == [7, 7] and yields == []

@@ -15,14 +15,16 @@ SLICE_SECS = 0.05        # a slow slice, so the paced window (100 ms) is far abo
 
 
 @pytest.fixture
-def shard(tmp_path, monkeypatch):
+def shard(tmp_path, monkeypatch, request):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     monkeypatch.setattr(worker_module, "tune_gc", lambda: None)   # not this process's GC
+    # busy_poll_us 0 unless a test asks (indirect parametrize): each loop_pass below then
+    # blocks in poll rather than spinning through a busy-poll window
+    busy_poll_us = getattr(request, "param", 0)
     w = ShardWorker({"shard": 0, "shards": 1, "data_dir": str(tmp_path / "data"),
                      "run_dir": str(run_dir), "config": {"flush": {"flush_on_start": False},
-                                # each loop_pass below blocks in poll (no busy-poll window)
-                                "node": {"busy_poll_us": 0}}})
+                                                         "node": {"busy_poll_us": busy_poll_us}}})
     w.boot()
     client = FrameClient(w.endpoint)
     slices = []                          # (start, end) of each slice
@@ -69,3 +71,17 @@ def test_with_no_request_slices_run_back_to_back(shard):
     assert len(slices) == 4
     assert w.maintenance_after == 0.0
     assert w.poll_timeout_ms() == 0     # the next slice is due at once
+
+
+@pytest.mark.parametrize("shard", [500_000], indirect=True)       # a window longer than the test
+def test_the_paced_gap_is_a_blocking_wait_even_inside_a_busy_poll_window(shard):
+    """Busy polling would turn the gap left to other processes into a spin on a core."""
+    w, client, slices = shard
+    w.loop_pass()
+    ping(client, 2)
+    w.loop_pass()                       # serves the ping (an event: the window is open), then a slice
+    timeouts = []
+    real_poll = w.waiter.poller.poll
+    w.waiter.poller.poll = lambda timeout: timeouts.append(timeout) or real_poll(timeout)
+    w.loop_pass()
+    assert timeouts and timeouts[0] >= 1    # the paced wait, not poll(0)
