@@ -189,3 +189,51 @@ def test_curve_client_talks_to_a_curve_server():
             assert not sock.poll(300)
     finally:
         sock.close(linger=0)
+
+
+class RecordingSocket:
+    """The client's socket, recording the timeout of every poll."""
+
+    def __init__(self, sock):
+        self.sock, self.timeouts = sock, []
+
+    def poll(self, timeout, flags=zmq.POLLIN):
+        self.timeouts.append(timeout)
+        return self.sock.poll(timeout, flags)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_busy_polling_waits_for_the_reply_without_a_blocking_poll(server):
+    with Client(server.endpoint, timeout=5, busy_poll_us=2_000_000) as kv:
+        kv._sock = recording = RecordingSocket(kv._sock)
+        rid = kv.send("ping")
+        (ident, req), = take(server, 1)
+        server.send_multipart([ident, encode_reply(req["id"], pong=True)])
+        assert kv.recv(rid)["pong"] is True
+        assert recording.timeouts and set(recording.timeouts) == {0}
+
+
+def test_without_busy_polling_the_wait_is_one_blocking_poll(server):
+    with Client(server.endpoint, timeout=5) as kv:
+        kv._sock = recording = RecordingSocket(kv._sock)
+        rid = kv.send("ping")
+        (ident, req), = take(server, 1)
+        server.send_multipart([ident, encode_reply(req["id"], pong=True)])
+        assert kv.recv(rid)["pong"] is True
+        assert recording.timeouts[0] > 0
+
+
+def test_busy_polling_still_times_out(server):
+    with Client(server.endpoint, timeout=0.2, busy_poll_us=50_000) as kv:
+        kv._sock = recording = RecordingSocket(kv._sock)
+        with pytest.raises(Timeout):
+            kv.call("ping")                          # the fake node never answers
+        assert recording.timeouts[0] == 0 and recording.timeouts[-1] > 0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "500"])
+def test_busy_poll_us_must_be_a_non_negative_int(bad):
+    with pytest.raises(ValueError, match="busy_poll_us"):
+        Client("tcp://127.0.0.1:1", busy_poll_us=bad)
