@@ -20,6 +20,7 @@ running in the background. The target figure is the second; both are reported.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import tempfile
@@ -295,7 +296,7 @@ def run(report: Report, quick: bool, shard_counts: list[int] | None = None) -> N
                 scaling[shards] = median_pair(pairs[shards])
                 lat.update(found)
             main_lat, flushing_lat, redis_lat = lat["after_flush"], lat["flushing"], lat["redis"]
-            no_busy_poll = busy_poll_off_runs(s, main_shards, tmp, rng, redis_block)
+            no_busy_poll = busy_poll_off_runs(report, s, main_shards, tmp, rng, redis_block)
             assert redis_total(redis_proc.client) == ACCOUNTS * INITIAL, "redis lost money"
         finally:
             redis_proc.stop()
@@ -380,12 +381,8 @@ def shard_count_runs(report: Report, s: Settings, shards: int, main: bool, tmp: 
     the client profile (a run of its own, not timed), the two latency runs (the second in
     blocks alternating with redis_block(n)) and the paced run. Returns ([(shardkv run,
     redis run), ...], {"flushing", "after_flush", "redis", "paced"} or {})."""
-    log(f"starting shardkv node with {shards} shard(s)")
-    node = NodeProcess(tmp / f"data-{shards}", shards)
-    conn = Conn(node.endpoint)
     lat = {}
-    try:
-        load_accounts(conn)
+    with loaded_node(report, tmp, shards) as (node, conn):
         roles = {"client": psutil.Process(), **node_roles(node.pid)}
         if main:
             with profiled(report, f"node_client_{shards}shards"):
@@ -405,34 +402,43 @@ def shard_count_runs(report: Report, s: Settings, shards: int, main: bool, tmp: 
             lat["after_flush"], lat["redis"] = interleaved_latency(conn, s, rng, shards, redis_block)
             lat["paced"] = paced_txns(conn, roles, s.paced_rate, s.paced_seconds, rng)
             report.series["node_stats"] = conn.call("stats")
+    return runs, lat
+
+
+def busy_poll_off_runs(report: Report, s: Settings, shards: int, tmp: Path, rng: random.Random,
+                       redis_block) -> dict:
+    """A node like the main one but with busy polling off ([node] busy_poll_us = 0): its
+    single-txn latency (in blocks alternating with Redis's) and its CPU at the paced
+    trickle, for the figures of the trade-off."""
+    config = tmp / "busy-poll-off.toml"
+    config.write_text("[node]\nbusy_poll_us = 0\n")
+    with loaded_node(report, tmp, shards, config, "busy polling off") as (node, conn):
+        latency, redis = interleaved_latency(conn, s, rng, shards, redis_block)
+        return {"latency": latency, "redis": redis,
+                "paced": paced_txns(conn, node_roles(node.pid), s.paced_rate, s.paced_seconds, rng)}
+
+
+@contextlib.contextmanager
+def loaded_node(report: Report, tmp: Path, shards: int, config: Path | None = None, label: str = ""):
+    """A started node with the accounts loaded: yields (NodeProcess, Conn). On the way out
+    the total balance is checked and the node stopped; a wrong total or a non-zero exit
+    status becomes a note in the report."""
+    what = f"{shards} shard(s)" + (f", {label}" if label else "")
+    log(f"starting shardkv node with {what}")
+    data_dir = tmp / (f"data-{shards}" + (f"-{label.replace(' ', '-')}" if label else ""))
+    node = NodeProcess(data_dir, shards, config=config)
+    conn = Conn(node.endpoint)
+    try:
+        load_accounts(conn)
+        yield node, conn
         total = total_balance(conn)
         if total != ACCOUNTS * INITIAL:
-            report.note(f"INVARIANT: shardkv total balance {total} != {ACCOUNTS * INITIAL} ({shards} shards)")
-        return runs, lat
+            report.note(f"INVARIANT: shardkv total balance {total} != {ACCOUNTS * INITIAL} ({what})")
     finally:
         conn.close()
         rc = node.stop()
         if rc not in (0, None):
-            report.note(f"node with {shards} shards exited with status {rc} on SIGTERM")
-
-
-def busy_poll_off_runs(s: Settings, shards: int, tmp: Path, rng: random.Random, redis_block) -> dict:
-    """A node like the main one but with busy polling off ([node] busy_poll_us = 0): its
-    single-txn latency (in blocks alternating with Redis's) and its CPU at the paced
-    trickle, for the figures of the trade-off."""
-    log(f"starting shardkv node with {shards} shard(s), busy polling off")
-    config = tmp / "busy-poll-off.toml"
-    config.write_text("[node]\nbusy_poll_us = 0\n")
-    node = NodeProcess(tmp / f"data-{shards}-busy-poll-off", shards, config=config)
-    conn = Conn(node.endpoint)
-    try:
-        load_accounts(conn)
-        latency, redis = interleaved_latency(conn, s, rng, shards, redis_block)
-        return {"latency": latency, "redis": redis,
-                "paced": paced_txns(conn, node_roles(node.pid), s.paced_rate, s.paced_seconds, rng)}
-    finally:
-        conn.close()
-        node.stop()
+            report.note(f"node with {what} exited with status {rc} on SIGTERM")
 
 
 def median_pair(runs: list) -> tuple:

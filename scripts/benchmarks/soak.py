@@ -5,7 +5,8 @@ transfers between accounts across shards (`get` + `batch`), a `block` per round 
 `blocks_per_flush`, so auto-flush runs all the time), snapshot reads and paginated scans
 at one `at`, periodic checkpoints (the oldest deleted) and prunes (plus auto-prune), and
 a SIGKILL of a random shard pid (from `stats`) every --kill-every, and of the router every
---kill-router-every (the transfers in flight then have an unknown outcome, resolved below).
+--kill-router-every. Kills come between rounds, right after a round was answered: the
+router may not have sent, or the shards applied, the commits it just answered.
 
 Invariants, checked continuously; any violation makes the exit status 1:
 - total balance: every full read, snapshot read and scan sums to the initial total;
@@ -274,24 +275,21 @@ class Soak:
         if not shards:
             return
         victim = self.rng.choice(shards)
-        try:
-            os.kill(victim["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        self.counts["kills"] += 1
-        log(f"SIGKILL shard {victim['shard']} pid {victim['pid']}")
+        self.sigkill(victim["pid"], f"shard {victim['shard']}", "kills")
 
     def kill_router(self) -> None:
         stats = self.call("stats")
         pid = stats.get("node", {}).get("router_pid") if stats.get("ok") else None
-        if not pid:
-            return
+        if pid:
+            self.sigkill(pid, "router", "router_kills")
+
+    def sigkill(self, pid: int, what: str, counter: str) -> None:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
-            return
-        self.counts["router_kills"] += 1
-        log(f"SIGKILL router pid {pid}")
+            return                      # gone already (restarting): not counted
+        self.counts[counter] += 1
+        log(f"SIGKILL {what} pid {pid}")
 
     # -- sampling -------------------------------------------------------------------------
     def sample(self, t: float, dt: float) -> dict:
