@@ -15,7 +15,10 @@ Invariants, checked continuously; any violation makes the exit status 1:
   reading its two accounts (applied or not, nothing in between);
 - commit_ts strictly increasing across acknowledged transfers;
 - bounded RSS with no upward trend (after warm-up) and bounded disk with pruning on.
-Report: reports/soak-<timestamp>/ report.md, report.json, PNG plots over time.
+Report: reports/soak-<timestamp>/ report.md, report.json, PNG plots over time. A run of
+hours must leave its evidence even if it never reaches its end (the machine goes away, the
+driver is killed): every sample is appended to samples.jsonl as it is taken, and the
+report so far (marked RUNNING) is rewritten every --report-every seconds.
 """
 from __future__ import annotations
 
@@ -112,6 +115,8 @@ class Soak:
         self.window_hist = Histogram()
         self.window_committed = 0
         self.checkpoints: list[str] = []
+        self.running_at: float | None = None       # seconds into the run, while a report is partial
+        self.samples_log = None                    # samples.jsonl, one JSON object per sample
 
     # -- requests with retry on `unavailable` --------------------------------------------
     def call(self, op: str, retry_secs: float = 30.0, **fields) -> dict:
@@ -319,6 +324,9 @@ class Soak:
         self.window_hist.reset()
         self.window_committed = 0
         self.samples.append(row)
+        if self.samples_log is not None:
+            self.samples_log.write(json.dumps(row) + "\n")
+            self.samples_log.flush()
         return row
 
     # -- the run --------------------------------------------------------------------------
@@ -329,13 +337,16 @@ class Soak:
         log(f"starting node: {a.shards} shards, data {self.data_dir}, duration {a.duration:.0f}s")
         self.node = NodeProcess(self.data_dir, a.shards, config=config)
         self.conn = Conn(self.node.endpoint, timeout=10)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.samples_log = open(self.out / "samples.jsonl", "w")
         try:
             self.load()
             started = time.monotonic()
             end = started + a.duration
             next_at = {"sample": started + a.sample_every, "check": started + a.check_every,
                        "checkpoint": started + a.checkpoint_every, "prune": started + a.prune_every,
-                       "kill": started + a.kill_every, "kill_router": started + a.kill_router_every}
+                       "kill": started + a.kill_every, "kill_router": started + a.kill_router_every,
+                       "report": started + a.report_every if a.report_every > 0 else float("inf")}
             try:
                 self.run_rounds(started, end, next_at)
             except KeyboardInterrupt:
@@ -348,6 +359,7 @@ class Soak:
                 self.snapshot_read_and_scan()
             self.check_resources()
         finally:
+            self.samples_log.close()
             self.conn.close()
             rc = self.node.stop()
             if rc not in (0, None):
@@ -388,6 +400,11 @@ class Soak:
                     f"rss={row['rss_total'] / 2**20:6.0f}MiB disk={row['disk_bytes'] / 2**20:6.1f}MiB "
                     f"flushes={row['flush_count']} pruned={row['versions_pruned']} kills={self.counts['kills']}+{self.counts['router_kills']} "
                     f"violations={len(self.violations)}")
+            if now >= next_at["report"]:
+                self.running_at = now - started
+                self.write_report()
+                self.running_at = None
+                next_at["report"] = time.monotonic() + a.report_every
 
     def check_resources(self) -> None:
         """RSS and disk are bounded, and RSS does not trend upward after warm-up."""
@@ -448,12 +465,20 @@ class Soak:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "report.md").write_text("\n".join(md) + "\n")
         (self.out / "report.json").write_text(json.dumps(
-            {"args": vars(self.args), "passed": not self.violations and self.interrupted_at is None,
-             "interrupted_at": self.interrupted_at, "violations": self.violations,
+            {"args": vars(self.args),
+             "passed": not self.violations and self.interrupted_at is None and self.running_at is None,
+             "running_at": self.running_at, "interrupted_at": self.interrupted_at, "violations": self.violations,
              "counts": self.counts, "samples": self.samples, "plots": rep.plots}, indent=1, default=str))
-        log(f"report: {self.out / 'report.md'} ({self.verdict()})")
+        if self.running_at is None:
+            log(f"report: {self.out / 'report.md'} ({self.verdict()})")
+        else:
+            log(f"report so far: {self.out / 'report.md'} ({self.verdict()})")
 
     def verdict(self) -> str:
+        if self.running_at is not None:
+            so_far = "violations so far" if self.violations else "no violation so far"
+            return (f"RUNNING ({self.running_at:.0f}s of {self.args.duration:.0f}s), {so_far}; "
+                    "the resource trend checks and the final ledger check run at the end")
         if self.violations:
             return "FAIL"
         if self.interrupted_at is not None:
@@ -491,6 +516,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-rss-mb", type=float, default=2048)
     p.add_argument("--max-disk-mb", type=float, default=4096)
     p.add_argument("--rss-growth", type=float, default=0.5, help="allowed relative growth of mean RSS")
+    p.add_argument("--report-every", type=float, default=600.0,
+                   help="seconds between reports of the run so far (0 = only at the end)")
     args = p.parse_args(argv)
     if args.warmup is None:
         args.warmup = min(300.0, args.duration * 0.25)

@@ -47,19 +47,28 @@ def test_disk_trend_rule_flags_steady_growth_and_passes_swings():
 
 
 def test_ctrl_c_stops_the_soak_with_a_report_of_the_run_so_far(tmp_path):
-    """A soak of hours stopped early (SIGINT, as Ctrl-C sends) still leaves its report:
-    marked interrupted, exit status 130, the samples so far, the node stopped."""
+    """A soak of hours keeps its evidence on disk while it runs (samples.jsonl as samples
+    are taken, the report so far marked RUNNING every --report-every), and stopped early
+    (SIGINT, as Ctrl-C sends) still leaves its report: marked interrupted, exit status
+    130, the samples so far, the node stopped."""
     import os
     import signal
     out = tmp_path / "soak"
     proc = subprocess.Popen(
         [sys.executable, "scripts/benchmarks/soak.py", "--duration", "10m", "--sample-every", "1",
-         "--kill-every", "0", "--out", str(out)],
+         "--report-every", "2", "--kill-every", "0", "--out", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        for line in proc.stdout:                 # the first progress line: rounds are running
-            if " t=" in line:
+        for line in proc.stdout:                 # the first partial report was written
+            if "report so far" in line:
                 break
+        partial = json.loads((out / "report.json").read_text())
+        assert partial["passed"] is False and partial["running_at"] >= 2
+        assert "RUNNING" in (out / "report.md").read_text()
+        streamed = [json.loads(row) for row in (out / "samples.jsonl").read_text().splitlines()]
+        assert len(streamed) >= len(partial["samples"]) >= 1
+        assert streamed[0]["t"] == partial["samples"][0]["t"] and streamed[0]["rss_total"] > 0
+        assert (out / "tps.png").read_bytes()[:4] == b"\x89PNG"
         os.kill(proc.pid, signal.SIGINT)
         rest = proc.communicate(timeout=120)[0]
     finally:
@@ -70,5 +79,7 @@ def test_ctrl_c_stops_the_soak_with_a_report_of_the_run_so_far(tmp_path):
     assert "Traceback" not in rest
     doc = json.loads((out / "report.json").read_text())
     assert doc["passed"] is False and doc["interrupted_at"] > 0 and not doc["violations"]
-    assert len(doc["samples"]) >= 1
+    assert doc["running_at"] is None
+    assert len(doc["samples"]) >= len(partial["samples"])
+    assert len((out / "samples.jsonl").read_text().splitlines()) == len(doc["samples"])
     assert "INTERRUPTED" in (out / "report.md").read_text()
