@@ -32,11 +32,11 @@ import shutil
 import sys
 import time
 import zlib
-from itertools import chain
 
 import zmq
 
 from node.protocol import Limits, ProtocolError, decode_request, encode_error, encode_reply
+from node.routing import group_keys, parts_by_shard, route_batch, shard_of  # noqa: F401 (re-exported)
 from node.security import secure_client_socket
 from node.timestamps import TimestampOracle
 from shard import messages as m
@@ -53,9 +53,6 @@ STOP_QUIET_SECS = 0.2   # at a stop, keep refusing new frames until none came fo
 POLL_MS = 20
 MAX_FORGETS = 4096      # outcome records to forget that get a frame of their own
 
-
-def shard_of(key: bytes, shards: int) -> int:
-    return zlib.crc32(key) % shards
 
 
 def err(code: str, message: str, retryable: bool = False, **extra) -> dict:
@@ -143,9 +140,10 @@ class Request:
 
 class BatchRun:
     """A `batch` request being dispatched entry by entry (the owner of its entries)."""
-    __slots__ = ("req", "txns", "count", "results", "next", "finished", "undecided", "locked")
+    __slots__ = ("req", "txns", "count", "results", "next", "finished", "undecided", "locked",
+                 "routes")
 
-    def __init__(self, req, txns, track_keys: bool = True):
+    def __init__(self, req, txns, track_keys: bool = True, routes=None):
         self.req = req
         self.txns = txns
         self.count = len(txns)
@@ -155,36 +153,9 @@ class BatchRun:
         self.undecided = {}            # TwoPC -> keys of an entry still undecided
         # key -> undecided entries touching it; None when no key is in two entries
         self.locked = collections.Counter() if track_keys else None
-
-
-def parts_by_shard(reads, writes, rshards, wshards) -> dict:
-    """{shard: (reads, writes)} of one txn, given the shard of each read and write."""
-    parts = {}
-    for s, kv in zip(rshards, reads):
-        part = parts.get(s)
-        if part is None:
-            part = parts[s] = ([], [])
-        part[0].append(kv)
-    for s, kv in zip(wshards, writes):
-        part = parts.get(s)
-        if part is None:
-            part = parts[s] = ([], [])
-        part[1].append(kv)
-    return parts
-
-
-def shares_keys(txns) -> bool:
-    """Whether some key is read or written by two different entries of a batch."""
-    first = {}
-    setdefault = first.setdefault
-    for i, t in enumerate(txns):
-        for k, _ in t["reads"]:
-            if setdefault(k, i) != i:
-                return True
-        for k, _ in t["writes"]:
-            if setdefault(k, i) != i:
-                return True
-    return False
+        # per entry: its shard, or {shard: (reads, writes)} (node/routing.route_batch);
+        # only for a batch in which no key is in two entries (dispatch_unshared)
+        self.routes = routes
 
 
 class Router:
@@ -679,7 +650,11 @@ class Router:
                                                      error.pop("retryable"), **error))
 
     def shards_up(self, shards) -> bool:
-        return all(self.links[s].state == "up" for s in shards)
+        links = self.links
+        for s in shards:              # a loop, not all(<genexpr>): this runs per txn
+            if links[s].state != "up":
+                return False
+        return True
 
     def all_up(self) -> bool:
         return all(l.state == "up" for l in self.links)
@@ -710,10 +685,7 @@ class Router:
         S, error = self.snapshot_ts(req.get("at"))
         if error:
             return self.fail(ctx, error)
-        n = self.nshards
-        crc = zlib.crc32
-        where = [crc(key) % n for key in keys]
-        groups = {s: [i for i, w in enumerate(where) if w == s] for s in set(where)}
+        groups = group_keys(keys, self.nshards)       # {shard: ([index], [key])}
         if not self.shards_up(groups):
             return self.fail(ctx, unavailable("a shard is down or restarting"))
         if not groups:
@@ -725,12 +697,12 @@ class Router:
             for s, reply in replies.items():
                 if not reply.get("ok"):
                     return self.fail(ctx, self.shard_error(reply))
-                for i, v, ver in zip(groups[s], reply["values"], reply["versions"]):
+                for i, v, ver in zip(groups[s][0], reply["values"], reply["versions"]):
                     values[i] = v
                     versions[i] = ver
             self.reply(ctx, ts=S, values=values, versions=versions)
-        self.scatter({s: {"op": m.READ, "keys": [keys[i] for i in idx], "at": S}
-                      for s, idx in groups.items()}, done)
+        self.scatter({s: {"op": m.READ, "keys": shard_keys, "at": S}
+                      for s, (_, shard_keys) in groups.items()}, done)
 
     def op_scan(self, ctx, req):
         S, error = self.snapshot_ts(req.get("at"))
@@ -895,9 +867,12 @@ class Router:
         self.twopc["started"] += 1
         target = (KIND_PREPARE, txn)
         links = self.links
-        for s in participants:
+        for s in participants:        # send_item, inlined: this runs per participant
             reads, writes = parts[s]
-            self.send_item(links[s], [m.ITEM_PREPARE, ts, reads, writes, participants], target)
+            link = links[s]
+            group = link.group or self.open_group(link)
+            group.items.append([m.ITEM_PREPARE, ts, reads, writes, participants])
+            group.targets.append(target)
         return txn
 
     def on_prepared(self, txn: TwoPC, e) -> None:
@@ -999,7 +974,8 @@ class Router:
         txns = req["txns"]
         if not txns:
             return self.reply(ctx, results=[])
-        self.pump_batch(BatchRun(ctx, txns, shares_keys(txns)))
+        routes = route_batch(txns, self.nshards)      # None: some key is in two entries
+        self.pump_batch(BatchRun(ctx, txns, track_keys=routes is None, routes=routes))
 
     def pump_batch(self, run: BatchRun) -> None:
         if run.locked is None:
@@ -1026,13 +1002,13 @@ class Router:
     def dispatch_unshared(self, run: BatchRun) -> None:
         """Dispatch the entries of a batch in which no key is in two entries, so no entry
         waits on another: start_txn inlined for the common cases (every shard up, writes,
-        no barrier), with one pass over each entry's keys; anything else goes through
-        start_txn itself. Same messages, same ts order as entry-by-entry start_txn."""
+        no barrier), with each entry's shards from run.routes (route_batch, computed for
+        the whole batch at once); anything else goes through start_txn itself. Same
+        messages, same ts order as entry-by-entry start_txn."""
         txns = run.txns
+        routes = run.routes
         count = len(txns)
-        n = self.nshards
         links = self.links
-        crc = zlib.crc32
         oracle = self.oracle
         i = run.next
         while i < count:
@@ -1048,22 +1024,9 @@ class Router:
                 self.start_txn(t, run, i)
                 i += 1
                 continue
-            # which shard(s): stop at the first key on another shard than the first one
-            first = -1
-            single = True
-            if n > 1:
-                for kv in chain(reads, writes):
-                    s = crc(kv[0]) % n
-                    if s != first:
-                        if first < 0:
-                            first = s
-                        else:
-                            single = False
-                            break
-            else:
-                first = 0
-            if single:
-                link = links[first]
+            route = routes[i]
+            if route.__class__ is int:    # every key on one shard (it has keys: it writes)
+                link = links[route]
                 if link.state != "up":
                     run.next = i + 1
                     self.start_txn(t, run, i)   # answers unavailable
@@ -1075,11 +1038,9 @@ class Router:
                 group.targets.append((KIND_COMMIT, run, i, ts))
                 i += 1
                 continue
-            parts = parts_by_shard(reads, writes, [crc(kv[0]) % n for kv in reads],
-                                   [crc(kv[0]) % n for kv in writes])
             run.next = i + 1
-            if self.shards_up(parts):
-                self.start_2pc(parts, run, i)
+            if self.shards_up(route):
+                self.start_2pc(route, run, i)
             else:
                 self.start_txn(t, run, i)   # answers unavailable
             i += 1

@@ -402,8 +402,10 @@ class Soak:
                     f"violations={len(self.violations)}")
             if now >= next_at["report"]:
                 self.running_at = now - started
-                self.write_report()
-                self.running_at = None
+                try:
+                    self.write_report()
+                finally:   # Ctrl-C may land in here: the final report must not say RUNNING
+                    self.running_at = None
                 next_at["report"] = time.monotonic() + a.report_every
 
     def check_resources(self) -> None:
@@ -463,8 +465,8 @@ class Soak:
             md += ["", "## Violations", ""] + [f"- {v['invariant']}: {v['detail']}" for v in self.violations[:50]]
         md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in rep.plots]
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "report.md").write_text("\n".join(md) + "\n")
-        (self.out / "report.json").write_text(json.dumps(
+        write_atomically(self.out / "report.md", "\n".join(md) + "\n")
+        write_atomically(self.out / "report.json", json.dumps(
             {"args": vars(self.args),
              "passed": not self.violations and self.interrupted_at is None and self.running_at is None,
              "running_at": self.running_at, "interrupted_at": self.interrupted_at, "violations": self.violations,
@@ -485,6 +487,14 @@ class Soak:
             return (f"INTERRUPTED after {self.interrupted_at:.0f}s, no violation so far "
                     "(the final ledger check did not run)")
         return "PASS"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace path with text; a reader (a person, a script) never sees half a report,
+    even while a long run rewrites it every --report-every seconds."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def dir_bytes(path: Path) -> int:
