@@ -54,7 +54,6 @@ POLL_MS = 20
 MAX_FORGETS = 4096      # outcome records to forget that get a frame of their own
 
 
-
 def err(code: str, message: str, retryable: bool = False, **extra) -> dict:
     return {"code": code, "message": message, "retryable": retryable, **extra}
 
