@@ -3,6 +3,7 @@ plus a lean pipelining protocol-v1 connection (DEALER + msgpack, no client-libra
 overhead, so the client measures the server rather than itself)."""
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import shutil
@@ -18,6 +19,25 @@ import msgpack
 import zmq
 
 from benchlib import ROOT, free_port, log
+
+
+# prctl is looked up here, in the parent: die_with_parent runs in the child between fork and
+# exec, where loading a library could deadlock on a lock another thread of the parent held.
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):       # not Linux
+    _prctl = None
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn of every process started here: SIGTERM (a graceful stop) when the
+    thread that started it dies. Without it, a benchmark or soak that is SIGKILLed (a
+    test's cleanup after a failure, a timeout) leaves its node, echo server or Redis
+    running with their ports and data: two nodes were found still up 48 minutes after a
+    failed soak test. So start these from a thread that outlives them (the main one)."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 def cpu_seconds(proc) -> float:
@@ -80,7 +100,8 @@ class NodeProcess:
             args += ["--config", str(config)]
         self.log_path = self.data_dir.parent / f"node-{self.port}.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     preexec_fn=die_with_parent)
         self._lines: deque[str] = deque(maxlen=200)
         ready = threading.Event()
         threading.Thread(target=self._pump, args=(ready,), daemon=True).start()
@@ -133,7 +154,7 @@ class EchoProcess:
     def __init__(self, max_seconds: float = 600.0):
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, self.endpoint, str(max_seconds)],
-                                     stdout=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
         if self.proc.stdout.readline().strip() != "ready":
             self.stop()
             raise RuntimeError("echo server did not start")
@@ -160,7 +181,7 @@ class RedisProcess:
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
              "--protected-mode", "yes", "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         import redis
         self.client = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + 15
