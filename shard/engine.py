@@ -727,6 +727,10 @@ class ShardEngine:
             "pending_compaction_bytes": storage.property_int("rocksdb.estimate-pending-compaction-bytes"),
             "memtable_bytes": sum(storage.property_int("rocksdb.cur-size-all-mem-tables", cf)
                                   for cf in ("data", "log", "meta")),
+            # one cache for every column family (storage.open_db); it also holds blocks of
+            # SST files that compaction has deleted until they are evicted, so it fills to
+            # [rocksdb] block_cache_bytes under churn: most of a busy shard's RSS
+            "block_cache_bytes": storage.property_int("rocksdb.block-cache-usage"),
         }
         flush = dict(self.flush_stats)
         flush["running"] = self.flush_job is not None

@@ -294,6 +294,8 @@ _SHARD_GAUGES = (
     ("shardkv_rocksdb_pending_compaction_bytes", ("rocksdb", "pending_compaction_bytes"),
      "RocksDB rocksdb.estimate-pending-compaction-bytes."),
     ("shardkv_rocksdb_memtable_bytes", ("rocksdb", "memtable_bytes"), "RocksDB rocksdb.cur-size-all-mem-tables."),
+    ("shardkv_rocksdb_block_cache_bytes", ("rocksdb", "block_cache_bytes"),
+     "RocksDB rocksdb.block-cache-usage (one cache per shard, at most [rocksdb] block_cache_bytes)."),
 )
 
 # Counters from a shard's carried-over totals: (metric, key, help).

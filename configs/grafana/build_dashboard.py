@@ -76,6 +76,7 @@ ROWS = [
         ("RocksDB size", "bytes", "timeseries", [
             (f'shardkv_rocksdb_live_sst_bytes{{{S}}}', "live SST shard {{shard}}"),
             (f'shardkv_rocksdb_memtable_bytes{{{S}}}', "memtables shard {{shard}}"),
+            (f'shardkv_rocksdb_block_cache_bytes{{{S}}}', "block cache shard {{shard}}"),
             (f'shardkv_rocksdb_pending_compaction_bytes{{{S}}}', "pending compaction shard {{shard}}")]),
         ("RocksDB keys", "short", "timeseries", [
             (f'shardkv_rocksdb_estimated_keys{{{S}}}', "shard {{shard}}")]),

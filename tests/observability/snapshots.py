@@ -27,7 +27,8 @@ def shard_snapshot(shard, inc="inc-a", committed=10, counts=None, flushes=2, pid
                   "seconds_total": 0.01},
         "batch_writer": {"chunk_size": 5000},
         "rocksdb": {"live_sst_bytes": 123456, "estimated_keys": 90,
-                    "pending_compaction_bytes": 0, "memtable_bytes": 2048},
+                    "pending_compaction_bytes": 0, "memtable_bytes": 2048,
+                    "block_cache_bytes": 4096},
     }
 
 

@@ -62,6 +62,7 @@ def test_values_come_from_the_snapshots():
     assert sample(f, "shardkv_memory_budget_versions") == 2_000_000
     assert sample(f, "shardkv_requests", "shardkv_requests_total", op="txn", result="conflict") == 1
     assert sample(f, "shardkv_shard_up", shard="1") == 1
+    assert sample(f, "shardkv_rocksdb_block_cache_bytes", shard="0") == 4096
 
 
 def test_histogram_buckets_are_cumulative_and_resolve_50us_to_10s():
