@@ -85,3 +85,33 @@ def test_the_paced_gap_is_a_blocking_wait_even_inside_a_busy_poll_window(shard):
     w.waiter.poller.poll = lambda timeout: timeouts.append(timeout) or real_poll(timeout)
     w.loop_pass()
     assert timeouts and timeouts[0] >= 1    # the paced wait, not poll(0)
+
+
+def test_the_shard_returns_free_heap_to_the_os_once_a_minute(shard):
+    """glibc keeps freed heap pages; a never-restarted shard's RSS crept without
+    malloc_trim (worker.MALLOC_TRIM_SECS). The timers trim once per interval, not per pass."""
+    w, _client, _slices = shard
+    calls = []
+    w.malloc_trim = lambda pad: calls.append(pad) or 1
+    start = w.next_trim
+    w.next_stats = 0.0
+    w.run_timers(start - 1.0)
+    assert calls == []
+    w.next_stats = 0.0
+    w.run_timers(start)
+    assert calls == [0]
+    for dt in (0.3, 1.0, worker_module.MALLOC_TRIM_SECS - 1.0):
+        w.next_stats = 0.0
+        w.run_timers(start + dt)
+    assert calls == [0]
+    w.next_stats = 0.0
+    w.run_timers(start + worker_module.MALLOC_TRIM_SECS)
+    assert calls == [0, 0]
+
+
+def test_malloc_trim_is_glibcs_here():
+    """On glibc (Debian, CI) the shard gets the real malloc_trim; elsewhere it trims nothing."""
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert worker_module.load_malloc_trim() is not None
