@@ -60,21 +60,25 @@ MALLOC_TRIM_SECS = 60.0
 
 # ---------------------------------------------------------------- child-process plumbing
 
+# Loaded once, at import: set_parent_death_signal also runs as a preexec_fn (between fork
+# and exec, scripts/benchmarks/procs.py), where loading a library could deadlock on a lock
+# another thread of the parent held.
+try:
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:          # not glibc Linux
+    _LIBC = None
+
+
 def load_malloc_trim():
     """glibc's malloc_trim (returns free heap pages to the OS), or None elsewhere."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
+    return getattr(_LIBC, "malloc_trim", None)
 
 
 def set_parent_death_signal(sig=signal.SIGTERM) -> None:
     """Ask Linux to send `sig` when the parent dies (prctl PR_SET_PDEATHSIG)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)
-    except OSError:
-        pass  # not Linux: the getppid() check in the loop timers still applies
+    prctl = getattr(_LIBC, "prctl", None)
+    if prctl is not None:  # else: not Linux; the getppid() check in the loop timers still applies
+        prctl(1, int(sig), 0, 0, 0)
 
 
 class SupervisorLink:

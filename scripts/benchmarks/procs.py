@@ -3,7 +3,6 @@ plus a lean pipelining protocol-v1 connection (DEALER + msgpack, no client-libra
 overhead, so the client measures the server rather than itself)."""
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import shutil
@@ -19,25 +18,11 @@ import msgpack
 import zmq
 
 from benchlib import ROOT, free_port, log
-
-
-# prctl is looked up here, in the parent: die_with_parent runs in the child between fork and
-# exec, where loading a library could deadlock on a lock another thread of the parent held.
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):       # not Linux
-    _prctl = None
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """preexec_fn of every process started here: SIGTERM (a graceful stop) when the
-    thread that started it dies. Without it, a benchmark or soak that is SIGKILLed (a
-    test's cleanup after a failure, a timeout) leaves its node, echo server or Redis
-    running with their ports and data: two nodes were found still up 48 minutes after a
-    failed soak test. So start these from a thread that outlives them (the main one)."""
-    if _prctl is not None:
-        _prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+# preexec_fn of every process started here: SIGTERM (a graceful stop) when the thread that
+# started it dies, so a benchmark or soak that is SIGKILLed (a test's cleanup after a
+# failure) leaves no node, echo server or Redis running: seven nodes were once found up an
+# hour after failed soak tests. Start these from a thread that outlives them (the main one).
+from shard.worker import set_parent_death_signal as die_with_parent  # noqa: E402
 
 
 def cpu_seconds(proc) -> float:
