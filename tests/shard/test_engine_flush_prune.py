@@ -1,4 +1,5 @@
 """Flush (incremental, with commits in between) and prune (memory + disk, pins, horizon)."""
+import sys
 import time
 
 import pytest
@@ -82,12 +83,32 @@ def test_a_flushed_memtable_is_freed_a_slice_at_a_time(open_engine):
     e.start_flush()
     e.flush_job.finish_now()                     # blocking, as at shutdown
     assert e.flush_step() and e.flush_job is None and e.stats()["flush"]["flush_count"] == 1
-    assert len(e.released) == 1 and len(e.released[0]) == 100
+    assert len(e.released) == 1 and e.released[0].keys_left == 100
     steps = 1
     while not e.release_step(versions=50):        # 10 keys (50 versions) per slice
         steps += 1
         assert e.read([b"k000", b"k099"], 5) == [(b"v5", 5), (b"v5", 5)]
     assert steps == 10 and e.released == []
+
+
+def test_releasing_a_flushed_memtable_frees_its_values_and_no_live_version(open_engine):
+    """The slices empty the flushed chains in place: the values' memory goes back, and
+    nothing a reader can reach (the new active memtable, the row cache) loses a version."""
+    e = open_engine()
+    values = [b"value-%d-" % i + bytes(50) for i in range(200)]   # unique objects
+    for ts in (1, 2):
+        e.commit(ts, [], [(b"k%03d" % i, values[i + (ts - 1) * 100]) for i in range(100)])
+    baseline = sys.getrefcount(values[0])
+    assert baseline > 2                        # the memtable holds it: refcount is a witness
+    e.start_flush()
+    e.flush_job.finish_now()
+    e.flush_step()
+    e.commit(3, [], [(b"k000", b"after")])     # a key written again after the freeze
+    while not e.release_step(versions=7):
+        pass
+    assert sys.getrefcount(values[0]) == baseline - 1        # the chain's reference is gone
+    assert e.read([b"k000", b"k001", b"k099"], 3) == [(b"after", 3), (values[101], 2), (values[199], 2)]
+    assert e.read([b"k000"], 2) == [(values[100], 2)]        # from disk now
 
 
 def test_should_flush_dual_trigger_and_memory_pressure(open_engine, small_config):
