@@ -101,14 +101,15 @@ def test_releasing_a_flushed_memtable_frees_its_values_and_no_live_version(open_
     baseline = sys.getrefcount(values[0])
     assert baseline > 2                        # the memtable holds it: refcount is a witness
     e.start_flush()
+    e.commit(3, [], [(b"k000", b"after")])     # written again while the flush runs
     e.flush_job.finish_now()
     e.flush_step()
-    e.commit(3, [], [(b"k000", b"after")])     # a key written again after the freeze
+    e.commit(4, [], [(b"k001", b"later")])     # and after it
     while not e.release_step(versions=7):
         pass
     assert sys.getrefcount(values[0]) == baseline - 1        # the chain's reference is gone
-    assert e.read([b"k000", b"k001", b"k099"], 3) == [(b"after", 3), (values[101], 2), (values[199], 2)]
-    assert e.read([b"k000"], 2) == [(values[100], 2)]        # from disk now
+    assert e.read([b"k000", b"k001", b"k099"], 4) == [(b"after", 3), (b"later", 4), (values[199], 2)]
+    assert e.read([b"k000", b"k001"], 2) == [(values[100], 2), (values[101], 2)]   # from disk now
 
 
 def test_should_flush_dual_trigger_and_memory_pressure(open_engine, small_config):
