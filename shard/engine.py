@@ -20,7 +20,7 @@ from .commitlog import CommitLog
 from .config import EngineConfig
 from .errors import BadRequest, Blocked, Conflict, StorageMismatch, TooOld
 from .keycodec import enc, split_version_key, untag, version_key
-from .mvcc import ABSENT, FlushedMemtable, RowCache, newest_at
+from .mvcc import ABSENT, RowCache, newest_at
 from .storage import open_db
 
 _packb = msgpack.packb
@@ -62,7 +62,7 @@ class ShardEngine:
         self.frozen: dict | None = None   # the memtable a flush is writing out
         self.active_versions = 0
         self.frozen_versions = 0
-        self.released: list = []          # FlushedMemtables still being freed (release_step)
+        self.released: list = []          # flushed memtables still being freed (release_step)
         self.cache = RowCache(config.max_cached_keys)
         self.max_ts = 0
         self.horizon = 0
@@ -664,12 +664,13 @@ class ShardEngine:
     def release_step(self, versions: int = 5_000) -> bool:
         """Free about `versions` versions of flushed memtables; True when none is left.
         Freeing is spread over loop passes like the flush itself: a flushed memtable of a
-        million versions is millions of objects to deallocate (mvcc.FlushedMemtable)."""
+        million versions is millions of objects to deallocate."""
         released = self.released
         while released and versions > 0:
             memtable = released[-1]
-            versions -= memtable.free_slice(versions)
-            if memtable.done:
+            while memtable and versions > 0:
+                versions -= len(memtable.popitem()[1])
+            if not memtable:
                 released.pop()
         return not released
 

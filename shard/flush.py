@@ -24,7 +24,6 @@ import msgpack
 
 from . import commitlog as cl
 from .keycodec import LIVE_TAG, MAX_TS, TERMINATOR, TOMBSTONE, prefix_end, version_suffix_packer
-from .mvcc import FlushedMemtable
 
 
 # A flush of at least this many versions is written to two SST files, the first one
@@ -232,7 +231,7 @@ class FlushJob:
             engine.log.truncate(self.freeze_seq)
         # The flushed memtable is freed a slice at a time (engine.release_step): dropping
         # a million versions at once took ~0.2 s of the loop.
-        engine.released.append(FlushedMemtable(self.frozen, engine.frozen_versions))
+        engine.released.append(self.frozen)
         self.frozen = None
         engine.frozen = None
         engine.frozen_versions = 0

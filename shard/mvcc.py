@@ -11,9 +11,7 @@ applies. Version 0 / ABSENT means "no version".
 """
 from __future__ import annotations
 
-import math
-from collections import OrderedDict, deque
-from itertools import islice
+from collections import OrderedDict
 
 ABSENT = (0, None)           # (ts, value): the key has no version at that snapshot
 
@@ -92,44 +90,3 @@ class RowCache:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-
-class FlushedMemtable:
-    """A flushed memtable that nothing reads any more, freed a slice per loop pass
-    (engine.release_step) so that no pass stalls on millions of deallocations.
-
-    Why this shape: popping the dict a key at a time (the first version) cost ~0.3 us of
-    CPU per key, most of it dict.popitem's probe of the hash index, a cache miss per key
-    on a large table: about a quarter of a 500K-key flush. Here the chains are emptied in
-    insertion order by a C-level map of list.clear, which frees the versions, their
-    tuples and values (most of the objects), ~0.05 us per key; then the dict of empty
-    chains is dropped whole (its keys and empty lists: ~20 ms of one pass for 500K
-    distinct keys, like the shard's minutely malloc_trim; under transfer load a flush
-    holds a few thousand keys).
-
-    Emptying chains in place is safe only because nothing holds one past a call: readers
-    take a version tuple out of a chain, prune replaces chains instead of shrinking them,
-    the row cache holds tuples, and the engine drops its reference to the frozen memtable
-    when the flush finishes (flush.FlushJob._finish hands it here)."""
-
-    __slots__ = ("chains", "keys_left", "versions_per_key")
-
-    def __init__(self, memtable: dict, versions: int):
-        # the iterator keeps the dict alive until the last chain is emptied
-        self.chains = iter(memtable.values())
-        self.keys_left = len(memtable)
-        self.versions_per_key = max(1.0, versions / len(memtable)) if memtable else 1.0
-
-    @property
-    def done(self) -> bool:
-        return self.chains is None
-
-    def free_slice(self, versions: int) -> int:
-        """Free the chains of about `versions` versions (by the memtable's mean chain
-        length); returns that estimate. The last slice also drops the dict."""
-        keys = min(self.keys_left, max(1, int(versions / self.versions_per_key)))
-        deque(map(list.clear, islice(self.chains, keys)), maxlen=0)
-        self.keys_left -= keys
-        if not self.keys_left:
-            self.chains = None
-        return math.ceil(keys * self.versions_per_key)

@@ -22,7 +22,6 @@ class FlushRules(RuleBasedStateMachine):
 
     @rule(versions=st.integers(1, 4))
     def free_flushed_partly(self, versions):
-        # Flushed memtables are freed a slice per loop pass by emptying their chains in
-        # place (mvcc.FlushedMemtable): the machine's reads, commits and prunes run
-        # between slices, so any chain still reachable from them would show as lost data.
+        # Flushed memtables are freed a slice per loop pass (engine.release_step), with
+        # the machine's reads, commits and prunes between slices, as in the worker.
         self.engine.release_step(versions=versions)

@@ -83,7 +83,7 @@ def test_a_flushed_memtable_is_freed_a_slice_at_a_time(open_engine):
     e.start_flush()
     e.flush_job.finish_now()                     # blocking, as at shutdown
     assert e.flush_step() and e.flush_job is None and e.stats()["flush"]["flush_count"] == 1
-    assert len(e.released) == 1 and e.released[0].keys_left == 100
+    assert len(e.released) == 1 and len(e.released[0]) == 100
     steps = 1
     while not e.release_step(versions=50):        # 10 keys (50 versions) per slice
         steps += 1
@@ -92,7 +92,7 @@ def test_a_flushed_memtable_is_freed_a_slice_at_a_time(open_engine):
 
 
 def test_releasing_a_flushed_memtable_frees_its_values_and_no_live_version(open_engine):
-    """The slices empty the flushed chains in place: the values' memory goes back, and
+    """Freeing a flushed memtable a slice at a time gives the values' memory back, and
     nothing a reader can reach (the new active memtable, the row cache) loses a version."""
     e = open_engine()
     values = [b"value-%d-" % i + bytes(50) for i in range(200)]   # unique objects
@@ -151,3 +151,4 @@ def test_prune_keeps_newest_in_memory_and_on_disk_and_raises_horizon(open_engine
     e.close()
     e = open_engine()
     assert e.horizon == 5 and e.read([b"a", b"b1"], 6) == [(b"6", 6), (b"x", 1)]
+
