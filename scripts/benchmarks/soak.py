@@ -509,6 +509,17 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
+def stop_early_on_signals() -> None:
+    """SIGINT and SIGTERM both end a run early, with the report so far (run() catches the
+    KeyboardInterrupt). SIGINT is set explicitly because a shell starts a background job
+    (`scripts/soak ... &`, `nohup`) with SIGINT ignored, which Python then keeps: `kill
+    -INT` of such a soak did nothing, and the node it had stopped left it retrying."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="scripts/soak", description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=parse_duration, default=parse_duration("2m"), help="e.g. 90s, 2m, 1h, 24h")
@@ -533,6 +544,7 @@ def main(argv=None) -> int:
         args.warmup = min(300.0, args.duration * 0.25)
     out = args.out or timestamp_dir().with_name("soak-" + timestamp_dir().name)
     work = Path(tempfile.mkdtemp(prefix="shardkv-soak-"))
+    stop_early_on_signals()
     try:
         return Soak(args, out, work).run()
     finally:
