@@ -1,6 +1,6 @@
 """Adaptive batch writer: bulk writes in chunks whose size follows measured throughput.
 
-Flush, prune and bulk loads write many rows with the WAL off. One huge WriteBatch stalls
+A flush writes many rows with the WAL off. One huge WriteBatch stalls
 commits for its whole duration and costs memory; tiny ones waste per-batch overhead. The
 writer measures ops/s of every chunk into a sliding window and, once the window is full,
 looks at its relative standard deviation (RSD = stdev / mean):
