@@ -189,6 +189,7 @@ class Router:
         self.held = []                 # 2PC starts held back by a barrier
         self.recovered_commits = set() # txns committed by recovery: forget once all shards up
         self.block_height = 0
+        self.creating_checkpoints: set[str] = set()   # names whose create has not answered yet
         self.inflight = 0
         self.next_ping = 0.0
         self.next_stats = 0.0
@@ -1106,6 +1107,10 @@ class Router:
             if name is None:
                 return self.fail(ctx, err("bad_request", "delete needs a name"))
             path = os.path.join(self.checkpoints_dir(), name)
+            if name in self.creating_checkpoints:
+                # Deleting it under the create made the create fail to write its MANIFEST
+                # and never answer; it is not in `list` yet, so it is not there to delete.
+                return self.fail(ctx, unavailable(f"checkpoint {name!r} is still being created"))
             if not os.path.isdir(path):
                 return self.fail(ctx, err("not_found", f"no checkpoint named {name!r}"))
             shutil.rmtree(path)
@@ -1122,11 +1127,13 @@ class Router:
         if not self.all_up():
             return self.fail(ctx, unavailable("a shard is down or restarting"))
         os.makedirs(path, mode=0o700)
+        self.creating_checkpoints.add(name)
 
         def at_cut(S):
             block = self.block_height
 
             def done(replies):
+                self.creating_checkpoints.discard(name)
                 for reply in replies.values():
                     if not reply.get("ok"):
                         shutil.rmtree(path, ignore_errors=True)
@@ -1135,11 +1142,16 @@ class Router:
                 manifest = {"name": name, "ts": S, "block": block, "created_at": created,
                             "shards": self.nshards}
                 tmp = os.path.join(path, "MANIFEST.json.tmp")
-                with open(tmp, "w") as f:
-                    json.dump(manifest, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, os.path.join(path, "MANIFEST.json"))   # written last: now it exists
+                try:
+                    with open(tmp, "w") as f:
+                        json.dump(manifest, f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, os.path.join(path, "MANIFEST.json"))   # written last: now it exists
+                except OSError as exc:     # the disk, or the directory gone: answer, never hang
+                    shutil.rmtree(path, ignore_errors=True)
+                    return self.fail(ctx, err("internal", f"checkpoint {name!r}: writing its manifest "
+                                                          f"failed: {exc}"))
                 self.reply(ctx, name=name, ts=S, block=block, created_at=created)
             self.scatter({s: {"op": m.CHECKPOINT, "dir": os.path.join(path, f"shard-{s}"), "ts": S}
                           for s in range(self.nshards)}, done)
@@ -1205,7 +1217,9 @@ class Router:
             for s in range(self.nshards):
                 reply = replies.get(s)
                 if reply is None or not reply.get("ok"):
-                    shards.append({"shard": s, "pid": self.links[s].pid, "up": False})
+                    # every field PROTOCOL.md lists, zero: a client can read a down shard's
+                    # entry like any other (it had only shard, pid and up)
+                    shards.append({**shard_entry(s, {"pid": self.links[s].pid}), "up": False})
                     continue
                 shards.append(shard_entry(s, reply))
             node = {"supervisor_pid": os.getppid(), "router_pid": os.getpid(), "ts": self.oracle.last,

@@ -229,6 +229,7 @@ class ShardWorker:
         # maintenance jobs: at most one flush and one prune in progress
         self.flush_job = None        # {"before": flush stats, "waiters": [(peer, reply-builder)]}
         self.prune_job = None
+        self.prune_queue: list = []       # [(keep, waiter)]: prunes asking another keep than the running one
         self.last_prune = time.monotonic()
         self.maintenance_after = 0.0  # no background slice before this (monotonic): pacing
         # metrics
@@ -576,7 +577,13 @@ class ShardWorker:
         if self.prune_job is None:
             self.start_prune(keep)
         rid = msg["rid"]
-        self.prune_job["waiters"].append((peer, lambda removed: m.ok(rid, versions_removed=removed)))
+        waiter = (peer, lambda removed: m.ok(rid, versions_removed=removed))
+        if self.prune_job["keep"] == keep:
+            self.prune_job["waiters"].append(waiter)
+        else:
+            # Another keep than the running prune's (an auto-prune, another client's): it
+            # runs after that one. Joining it answered ok without applying keep_versions.
+            self.prune_queue.append((keep, waiter))
         return None
 
     def handle_checkpoint(self, peer, msg, received):
@@ -656,7 +663,7 @@ class ShardWorker:
 
     def start_prune(self, keep: int) -> None:
         before = self.engine.stats().get("prune", {}).get("versions_removed", 0)
-        self.prune_job = {"before": before, "waiters": []}
+        self.prune_job = {"before": before, "waiters": [], "keep": keep}
         self.engine.start_prune(keep)
         self.last_prune = time.monotonic()
 
@@ -668,6 +675,11 @@ class ShardWorker:
         self.unblocked = True  # the horizon moved: deferred reads may now be too old
         for peer, build in job["waiters"]:
             self.reply(peer, build(removed))
+        if self.prune_queue:      # the next keep asked for, with every request asking it
+            keep = self.prune_queue[0][0]
+            self.start_prune(keep)
+            self.prune_job["waiters"] = [w for k, w in self.prune_queue if k == keep]
+            self.prune_queue = [(k, w) for k, w in self.prune_queue if k != keep]
 
     def maintenance_step(self) -> None:
         """One slice of background work per pass: freeing the last flushed memtable, else

@@ -196,6 +196,7 @@ class Supervisor:
             log.warning("%s again while stopping: killing every child now", name)
             for child in self.children:
                 child.send(signal.SIGKILL)
+            self.stopped_unclean()
             return
         log.info("%s received: stopping gracefully (router first, then shards)", name)
         self.begin_stop(0)
@@ -366,6 +367,13 @@ class Supervisor:
             log.info("stopping %s (pid %d)", child.name, child.pid)
             child.send(signal.SIGTERM)
 
+    def stopped_unclean(self) -> None:
+        # A child killed during the stop did not finish it (a shard did not flush; its
+        # commits are safe in the WAL and replay at the next start): PROTOCOL.md's exit
+        # status 0 means every shard flushed, so say otherwise.
+        if self.exit_code == 0:
+            self.exit_code = 1
+
     def advance_stop(self, now: float) -> None:
         pending = [c for c in self.stop_phase if c.alive]
         if pending and now >= self.stop_deadline:
@@ -373,6 +381,7 @@ class Supervisor:
                 log.warning("%s (pid %d) did not stop within %ss: SIGKILL", child.name,
                             child.pid, self.sup["shutdown_grace_secs"])
                 child.send(signal.SIGKILL)
+            self.stopped_unclean()
             self.stop_deadline = now + self.sup["shutdown_grace_secs"]
             return
         if pending:

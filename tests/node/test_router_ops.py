@@ -209,6 +209,7 @@ def test_stats_reports_pids_and_a_down_shard(cluster):
         if not shards[0]["up"]:
             break
     assert shards[0]["up"] is False and shards[1]["up"] is True
+    assert set(shards[0]) == set(shards[1])       # a down shard's entry has every field too
     a, b = keys_on_each_shard()
     reply = c.call("txn", writes=[[a, b"x"]])
     assert reply["error"]["code"] == "unavailable" and reply["error"]["outcome"] in ("aborted", "unknown")
