@@ -211,3 +211,18 @@ def make_cluster():
 @pytest.fixture
 def cluster(make_cluster) -> Cluster:
     return make_cluster(2)
+
+
+@pytest.fixture
+def inproc_router(tmp_path):
+    """A Router in this process with two shard links marked up and no shard processes:
+    a test reads its shard messages from the links' outboxes and answers them by hand
+    (Router.complete), so every interleaving it drives is exact."""
+    from node.router import Router, ShardLink
+    r = Router({"config": {}, "shards": 2, "data_dir": str(tmp_path), "run_dir": str(tmp_path)})
+    r.oracle.start(0)
+    for i in range(2):
+        link = ShardLink(i, str(tmp_path / f"shard-{i}.sock"))
+        link.state, link.inc = "up", f"inc-{i}"
+        r.links.append(link)
+    return r

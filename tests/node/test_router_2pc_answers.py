@@ -7,18 +7,13 @@ import zlib
 
 import pytest
 
-from node.router import BatchRun, Router, ShardLink, parts_by_shard
+from node.router import BatchRun, Router, parts_by_shard
 from shard import messages as m
 
 
 @pytest.fixture
-def router(tmp_path):
-    r = Router({"config": {}, "shards": 2, "data_dir": str(tmp_path), "run_dir": str(tmp_path)})
-    r.oracle.start(0)
-    for i in range(2):
-        link = ShardLink(i, str(tmp_path / f"shard-{i}.sock"))
-        link.state, link.inc = "up", f"inc-{i}"
-        r.links.append(link)
+def router(inproc_router):
+    r = inproc_router
     r.answers = []
     r.reply = lambda ctx, **fields: r.answers.append(fields["results"][0])
     return r
