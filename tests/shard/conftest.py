@@ -26,3 +26,26 @@ def open_engine(tmp_path, small_config):
     yield _open
     for engine in opened:
         engine.close()
+
+
+@pytest.fixture
+def booted_worker(tmp_path, monkeypatch):
+    """booted_worker(config) -> a real ShardWorker (shard 0 of 1) in this process, booted
+    (its RocksDB, its Unix socket), not looping: a test drives it. Shut down at teardown."""
+    from shard import worker as worker_module
+    from shard.worker import ShardWorker
+    monkeypatch.setattr(worker_module, "tune_gc", lambda: None)   # not this process's GC
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    booted = []
+
+    def _boot(config: dict) -> ShardWorker:
+        w = ShardWorker({"shard": 0, "shards": 1, "data_dir": str(tmp_path / "data"),
+                         "run_dir": str(run_dir), "config": config})
+        w.boot()
+        booted.append(w)
+        return w
+
+    yield _boot
+    for w in booted:
+        w.shutdown()

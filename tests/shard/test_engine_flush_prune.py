@@ -151,4 +151,3 @@ def test_prune_keeps_newest_in_memory_and_on_disk_and_raises_horizon(open_engine
     e.close()
     e = open_engine()
     assert e.horizon == 5 and e.read([b"a", b"b1"], 6) == [(b"6", 6), (b"x", 1)]
-

@@ -9,23 +9,17 @@ import pytest
 from shard import messages as m
 from shard import worker as worker_module
 from shard.link import FrameClient
-from shard.worker import MAINTENANCE_PACE, ShardWorker
+from shard.worker import MAINTENANCE_PACE
 
 SLICE_SECS = 0.05        # a slow slice, so the paced window (100 ms) is far above scheduling noise
 
 
 @pytest.fixture
-def shard(tmp_path, monkeypatch, request):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    monkeypatch.setattr(worker_module, "tune_gc", lambda: None)   # not this process's GC
+def shard(booted_worker, request):
     # busy_poll_us 0 unless a test asks (indirect parametrize): each loop_pass below then
     # blocks in poll rather than spinning through a busy-poll window
     busy_poll_us = getattr(request, "param", 0)
-    w = ShardWorker({"shard": 0, "shards": 1, "data_dir": str(tmp_path / "data"),
-                     "run_dir": str(run_dir), "config": {"flush": {"flush_on_start": False},
-                                                         "node": {"busy_poll_us": busy_poll_us}}})
-    w.boot()
+    w = booted_worker({"flush": {"flush_on_start": False}, "node": {"busy_poll_us": busy_poll_us}})
     client = FrameClient(w.endpoint)
     slices = []                          # (start, end) of each slice
 
@@ -38,7 +32,6 @@ def shard(tmp_path, monkeypatch, request):
     yield w, client, slices
     w.prune_job = None
     client.stream.close()
-    w.shutdown()
 
 
 def ping(client, rid):

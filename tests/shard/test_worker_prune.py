@@ -7,8 +7,6 @@ import time
 import pytest
 
 from shard import messages as m
-from shard import worker as worker_module
-from shard.worker import ShardWorker
 
 
 class Peer:
@@ -30,16 +28,9 @@ class Peer:
 
 
 @pytest.fixture
-def worker(tmp_path, monkeypatch):
-    (tmp_path / "run").mkdir()
-    monkeypatch.setattr(worker_module, "tune_gc", lambda: None)   # not this process's GC
-    w = ShardWorker({"shard": 0, "shards": 1, "data_dir": str(tmp_path / "data"),
-                     "run_dir": str(tmp_path / "run"),
-                     "config": {"flush": {"flush_on_start": False}, "prune": {"auto_interval_secs": 0},
-                                "node": {"busy_poll_us": 0}}})
-    w.boot()
-    yield w
-    w.shutdown()
+def worker(booted_worker):
+    return booted_worker({"flush": {"flush_on_start": False}, "prune": {"auto_interval_secs": 0},
+                          "node": {"busy_poll_us": 0}})
 
 
 def send(w, peer, rid, msg):
