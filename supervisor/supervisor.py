@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from benchlib import ROOT, free_port, log
+from benchlib import ROOT, free_port
 # preexec_fn of every process started here: SIGTERM (a graceful stop) when the thread that
 # started it dies, so a benchmark or soak that is SIGKILLed (a test's cleanup after a
 # failure) leaves no node, echo server or Redis running: seven nodes were once found up an

@@ -6,7 +6,6 @@ The fixture binds the supervisor's PULL socket itself, so it sees the children's
 import copy
 import itertools
 import json
-import os
 import shutil
 import signal
 import socket

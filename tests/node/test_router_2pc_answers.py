@@ -7,7 +7,9 @@ import zlib
 
 import pytest
 
-from node.router import BatchRun, Router, parts_by_shard
+from node.coordinator import BatchRun
+from node.router import Router
+from node.routing import parts_by_shard
 from shard import messages as m
 
 

@@ -2,10 +2,10 @@
 import os
 import time
 
-import msgpack
 import zmq
 
-from node.router import prefix_end, shard_of
+from node.router import shard_of
+from shard.keycodec import prefix_end
 
 
 def keys_on_each_shard(shards=2, prefix="k"):

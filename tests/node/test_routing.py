@@ -107,9 +107,9 @@ def test_the_native_routing_is_built_where_a_compiler_is_and_the_router_uses_it(
     """A machine with a C compiler (CI's has gcc) must get the C routing from the install."""
     if shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) is None:
         pytest.skip("no C compiler on this machine: the Python routing is the expected one")
-    from node import router
+    from node import coordinator, router
     assert routing.ROUTING == "native"
-    assert router.route_batch is routing.native_route_batch
+    assert coordinator.route_batch is routing.native_route_batch
     assert router.group_keys is routing.native_group_keys
 
 

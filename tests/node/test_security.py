@@ -1,5 +1,4 @@
 """CURVE on the client socket, the loopback rule, and frames over the limit."""
-import os
 
 import msgpack
 import pytest

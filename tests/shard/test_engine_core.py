@@ -2,7 +2,7 @@
 import pytest
 
 from shard.config import EngineConfig
-from shard.errors import BadRequest, Conflict, StorageMismatch, TooOld
+from shard.errors import BadRequest, Conflict, StorageMismatch
 
 
 def test_identity_is_checked_on_reopen(open_engine, tmp_path):

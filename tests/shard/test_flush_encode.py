@@ -3,7 +3,7 @@ in two (the first half flushed in the background) writes exactly those rows too.
 from collections import OrderedDict
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import shard.flush as flush_module
 from shard.flush import native_encode_rows, python_encode_rows

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 import zmq
 
-from supervisor_harness import (ROOT, NodeProcess, free_port, http_get, metric, request, wait_for,
+from supervisor_harness import (NodeProcess, free_port, http_get, metric, request, wait_for,
                                 write_config)
 
 pytestmark = pytest.mark.e2e
@@ -226,7 +226,7 @@ def test_bank_transfers_survive_sigkill_of_a_shard_the_router_and_the_whole_tree
 
 
 def test_a_shard_that_cannot_open_its_data_halts_the_node(node, tmp_path):
-    proc = node.start()
+    node.start()
     node.stop()
     data = tmp_path / "data"
     os.rename(data / "shard-1", tmp_path / "moved")
