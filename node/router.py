@@ -40,7 +40,7 @@ from shard.busypoll import BusyPoller, busy_poll_secs
 from shard.histogram import Histogram, RateWindow
 from shard.keycodec import prefix_end
 from shard.link import POLLOUT, connect
-from shard.worker import (EXIT_FATAL, ProcessProfile, SignalPipe, SupervisorLink, parse_spec,
+from shard.process import (EXIT_FATAL, ProcessProfile, SignalPipe, SupervisorLink, parse_spec,
                           set_parent_death_signal, tune_gc)
 
 MAX_DRAIN = 1024        # client frames taken per loop pass

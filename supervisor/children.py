@@ -17,8 +17,6 @@ import time
 SHARD_MODULE = os.environ.get("SHARDKV_SHARD_MODULE", "shard.worker")
 ROUTER_MODULE = os.environ.get("SHARDKV_ROUTER_MODULE", "node.router")
 
-EX_CONFIG = 78   # a child's "non-transient boot failure" exit status (sysexits.h)
-
 
 class Child:
     def __init__(self, role: str, shard: int | None, spec: dict, backoff_initial: float,

@@ -22,8 +22,9 @@ import time
 import msgpack
 import zmq
 
+from shard.process import EXIT_FATAL
 from supervisor import datadir, observability, restore
-from supervisor.children import EX_CONFIG, Child, describe_exit, exit_code
+from supervisor.children import Child, describe_exit, exit_code
 
 log = logging.getLogger("shardkv.supervisor")
 
@@ -271,7 +272,7 @@ class Supervisor:
             child = next((c for c in self.children if c.pid == pid), None)
             if child is None:
                 continue
-            if self.state != "stopping" and (not child.ever_ready or exit_code(status) == EX_CONFIG):
+            if self.state != "stopping" and (not child.ever_ready or exit_code(status) == EXIT_FATAL):
                 self.await_last_words(child)
             self.child_ended(child, status)
 
@@ -301,7 +302,7 @@ class Supervisor:
             return
         if child.fatal_error:
             self.halt(f"{child.name} cannot start: {child.fatal_error}")
-        elif exit_code(status) == EX_CONFIG:
+        elif exit_code(status) == EXIT_FATAL:
             self.halt(f"{child.name} {how} (a non-transient boot failure; see its log above)")
         elif not ever_ready:
             self.halt(f"{child.name} {how} before it ever became ready; see its log above")

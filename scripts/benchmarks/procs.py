@@ -22,7 +22,7 @@ from benchlib import ROOT, free_port
 # started it dies, so a benchmark or soak that is SIGKILLed (a test's cleanup after a
 # failure) leaves no node, echo server or Redis running: seven nodes were once found up an
 # hour after failed soak tests. Start these from a thread that outlives them (the main one).
-from shard.worker import set_parent_death_signal as die_with_parent  # noqa: E402
+from shard.process import set_parent_death_signal as die_with_parent  # noqa: E402
 
 
 def cpu_seconds(proc) -> float:
