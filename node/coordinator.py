@@ -362,11 +362,13 @@ class TxnCoordinator:
                 "abort not acknowledged", outcome="unknown")})
 
     def commit_acked(self, txn: TwoPC, shard: int) -> None:
+        """Once every participant applied the commit, no recovery needs the txn's outcome
+        records: each participant gets a forget, a down one when it is back (the records
+        outlive a restart)."""
         txn.unacked.discard(shard)
         if not txn.unacked and self.txns.pop(txn.ts, None) is not None:
             for s in txn.participants:
-                if self.links[s].state in ("up", "resolving"):
-                    self.links[s].forgets.append(txn.ts)
+                self.links[s].forgets.append(txn.ts)
 
     def op_batch(self, ctx, req):
         txns = req["txns"]

@@ -82,6 +82,15 @@ class ShardRecovery:
         self.scatter({s: {"op": m.RECOVER_INFO, "txns": txns} for s in asked}, on_outcomes)
 
     def apply_known(self, link: ShardLink, prepared: dict) -> None:
+        # A txn decided commit that this shard has not acked, and no longer holds prepared,
+        # was applied there: the shard acked its prepare durably, and nothing aborts a txn
+        # decided commit. Its commit ack was lost (the connection dropped, or the shard
+        # went silent or died after applying it); without this the txn stayed in
+        # self.txns and its outcome records were never forgotten.
+        index = link.index
+        for known in [t for t in self.txns.values()
+                      if t.decision == "commit" and index in t.unacked and t.ts not in prepared]:
+            self.commit_acked(known, index)
         msgs = []
         for txn, p in prepared.items():
             known = self.txns.get(txn)

@@ -244,10 +244,13 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
         for link in self.links:
             # Forgets ride along with other traffic (at the latest with the next ping):
             # a frame of its own would cost the shard a whole loop pass and sync.
-            if link.forgets and (link.outbox or len(link.forgets) >= MAX_FORGETS):
+            # While the link is down they wait: the records are durable, so a restarted
+            # shard still holds them.
+            if (link.forgets and link.state in ("up", "resolving")
+                    and (link.outbox or len(link.forgets) >= MAX_FORGETS)):
                 txns, link.forgets = link.forgets, []
-                if link.state in ("up", "resolving"):
-                    self.send(link, {"op": m.FORGET, "txns": txns}, lambda reply: None)
+                self.send(link, {"op": m.FORGET, "txns": txns},
+                          lambda reply, link=link, txns=txns: self.on_forget_reply(link, txns, reply))
             link.group = None
             if not link.outbox:
                 continue
@@ -261,6 +264,14 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
                 self.drop_conn(link)
             for msg in box:   # not connected: never sent, so not executed; fail them now
                 self.complete(msg["rid"], m.error(msg["rid"], m.STALE_INC, "shard not connected", True))
+
+    @staticmethod
+    def on_forget_reply(link: ShardLink, txns: list, reply: dict) -> None:
+        """A forget that did not arrive (the connection dropped, or the shard restarted and
+        refused the old incarnation's message) goes again with later traffic: forget is
+        idempotent, and a lost one would leave the records until the next router start."""
+        if not reply.get("ok") and (reply.get("error") or {}).get("code") in ("unavailable", m.STALE_INC):
+            link.forgets.extend(txns)
 
     def connect_link(self, link: ShardLink) -> None:
         """Connect to the shard's socket if it listens (at boot, then with every ping)."""
