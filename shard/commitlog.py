@@ -13,8 +13,14 @@ plus the meta rows staged in the same pass (block height, prune horizon). A reco
                                                           the commit record before it)
     ["a", txn]                                            2PC: aborted
     ["f", [txn, ...]]                                     2PC: outcomes forgotten
+    ["l", live_keys]                                      the shard's live-key count after
+                                                          the row (last record of a row)
 
 So a transaction is in the log whole or not at all, and acknowledged == in the WAL.
+The live-key count is logged rather than worked out again at replay: replay would need
+each key's version just below its replayed ones, and a prune after a crash in the middle of
+a flush can delete that row (the newest disk row may then be one of the unfinished
+flush's, above the replayed versions).
 The 2PC records ride in the same row as the commits: as meta rows of their own they
 cost four RocksDB ops per participant per cross-shard txn (put, delete, put, delete),
 which measured a third of a shard's CPU on the 2-shard transfer benchmark.
@@ -48,6 +54,7 @@ PREPARED = "p"
 COMMITTED = "c"
 ABORTED = "a"
 FORGOTTEN = "f"
+LIVE_KEYS_AFTER = "l"   # not a 2PC record: the live-key count after a log row
 
 _packb = msgpack.packb
 
@@ -77,6 +84,8 @@ class CommitLog:
         self.last_seq = last_seq          # seq of the newest log row written
         self.fsync = fsync
         self.records: list = []           # log records (see above) since the last sync
+        # () -> the record that closes every log row (the engine's live-key count), or None
+        self.closing_record = None
         self.meta: list = []              # [(key, value | None), ...] since the last sync
         self.syncs = 0
         # A Packer of our own: msgpack.packb builds a new Packer per call (~0.4 us each,
@@ -98,6 +107,8 @@ class CommitLog:
         batch = self.storage.batch()
         put = batch.put
         if self.records:
+            if self.closing_record is not None:
+                self.records.append(self.closing_record())
             self.last_seq += 1
             put("log", be64(self.last_seq), self.pack(self.records))
             self.records = []

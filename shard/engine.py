@@ -142,6 +142,7 @@ class ShardEngine:
             self.last_flush_block_height = last["block"]
         self.log = CommitLog(self.storage, max(flushed_seq, 0), self.config.fsync)
         self.log.last_seq = max(flushed_seq, self.log.newest_seq())
+        self.log.closing_record = lambda: (cl.LIVE_KEYS_AFTER, self.live_keys)
         for key, raw in self.storage.iterate("meta", prefix=cl.PREPARED_PREFIX):
             ts, reads, writes, participants = msgpack.unpackb(raw)
             self._lock_prepared(cl.txn_of(key, cl.PREPARED_PREFIX), ts, reads, writes, participants)
@@ -160,9 +161,10 @@ class ShardEngine:
                     self._replay_2pc(record)
 
     def _replay_2pc(self, record) -> None:
-        """Apply one 2PC log record at recovery. The meta snapshot loaded before the
-        replay may be newer than the record (a flush snapshots after its last log row),
-        so each kind is idempotent and a txn's records end in the state they made."""
+        """Apply one 2PC log record (or the live-key count closing a row) at recovery.
+        The meta snapshot loaded before the replay may be newer than the record (a flush
+        snapshots after its last log row), so each kind is idempotent and a txn's records
+        end in the state they made."""
         tag = record[0]
         if tag == cl.PREPARED:
             _, txn_id, ts, reads, writes, participants = record
@@ -184,6 +186,11 @@ class ShardEngine:
             pop = self.outcomes.pop
             for txn_id in record[1]:
                 pop(txn_id, None)
+        elif tag == cl.LIVE_KEYS_AFTER:
+            # The count the row's records made when they were written: the deltas replay
+            # just worked out can be off where a prune deleted the row below a replayed
+            # version (commitlog.py). A row written before this record existed keeps them.
+            self.live_keys = record[1]
         else:
             raise StorageMismatch(f"{self.path}: commit-log record of unknown kind {tag!r} "
                                   "(written by a newer shardkv?)")
