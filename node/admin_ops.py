@@ -201,7 +201,8 @@ def shard_entry(s: int, st: dict) -> dict:
                                                    "last_flush_ts", "last_flush_block")},
             "prune": {k: prune.get(k, 0) for k in ("prune_count", "versions_removed")},
             "horizon": st.get("horizon", 0), "max_ts": st.get("max_ts", 0),
-            "block_height": st.get("block_height", 0), "prepared": st.get("prepared", 0)}
+            "block_height": st.get("block_height", 0), "prepared": st.get("prepared", 0),
+            "outcomes": st.get("outcomes", 0)}
 
 
 def disk_usage(path: str) -> int:

@@ -281,6 +281,8 @@ _SHARD_GAUGES = (
     ("shardkv_shard_max_ts", ("max_ts",), "Highest commit_ts the shard has applied."),
     ("shardkv_shard_block_height", ("block_height",), "Block height durable in the shard."),
     ("shardkv_prepared_txns", ("prepared",), "2PC transactions prepared and not yet decided."),
+    ("shardkv_outcome_records", ("outcomes",),
+     "Outcome records of committed cross-shard txns not yet forgotten (kept until every participant applied the commit)."),
     ("shardkv_last_flush_timestamp_seconds", ("flush", "last_flush_at"),
      "Unix time of the shard's last completed flush (0 = never)."),
     ("shardkv_last_flush_commit_ts", ("flush", "last_flush_ts"), "commit_ts of the shard's last flush cut."),

@@ -14,7 +14,9 @@ Invariants, checked continuously; any violation makes the exit status 1:
   equal the node's balances exactly; a transfer with outcome "unknown" is resolved by
   reading its two accounts (applied or not, nothing in between);
 - commit_ts strictly increasing across acknowledged transfers;
-- bounded RSS with no upward trend (after warm-up) and bounded disk with pruning on.
+- bounded RSS with no upward trend (after warm-up) and bounded disk with pruning on;
+- at the end, with the load stopped: no prepared txn and no outcome record left on any
+  shard (a leak there grows with every kill).
 Report: reports/soak-<timestamp>/ report.md, report.json, PNG plots over time. A run of
 hours must leave its evidence even if it never reaches its end (the machine goes away, the
 driver is killed): every sample is appended to samples.jsonl as it is taken, and the
@@ -357,6 +359,7 @@ class Soak:
             if self.interrupted_at is None:
                 self.full_check()
                 self.snapshot_read_and_scan()
+                self.check_2pc_settles()
             self.check_resources()
         finally:
             self.samples_log.close()
@@ -408,6 +411,23 @@ class Soak:
                     self.running_at = None
                 next_at["report"] = time.monotonic() + a.report_every
 
+    def check_2pc_settles(self, within_secs: float = 15.0) -> None:
+        """With the load stopped, no shard may keep a prepared txn or an outcome record:
+        every 2PC txn was decided, and a record goes once every participant applied the
+        commit (forgets ride with pings at the latest). One that stays is a leak that would
+        grow over a day of kills (the kind an audit found in lost commit acks)."""
+        deadline = time.monotonic() + within_secs
+        held = None
+        while time.monotonic() < deadline:
+            stats = self.call("stats", retry_secs=2)
+            if stats.get("ok") and all(s.get("up") for s in stats["shards"]):
+                held = {s["shard"]: (s.get("prepared", 0), s.get("outcomes", 0)) for s in stats["shards"]}
+                if not any(p or o for p, o in held.values()):
+                    return
+            time.sleep(0.2)       # polls the condition; pings carry the forgets every 0.2 s
+        self.violations.add("2PC state settles", f"(prepared, outcome records) per shard after "
+                                                 f"{within_secs:.0f} s without load: {held}")
+
     def check_resources(self) -> None:
         """RSS and disk are bounded, and RSS does not trend upward after warm-up."""
         a = self.args
@@ -453,7 +473,7 @@ class Soak:
                        y2label="versions")
         invariants = ["total balance", "no acknowledged transfer lost", "monotonic commit_ts", "atomic transfer",
                       "bounded RSS", "no RSS upward trend", "bounded disk", "bounded disk with pruning",
-                      "availability", "graceful stop"]
+                      "availability", "2PC state settles", "graceful stop"]
         failed = {v["invariant"] for v in self.violations}
         md = ["# shardkv soak", "",
               f"Duration {self.args.duration:.0f}s, {self.args.shards} shards, seed {self.args.seed}. "

@@ -46,6 +46,31 @@ def test_disk_trend_rule_flags_steady_growth_and_passes_swings():
     assert not disk_grows(*first_and_last_third(swinging, "disk_bytes"))
 
 
+def test_the_2pc_settle_check_flags_records_that_stay_and_passes_ones_that_go(tmp_path):
+    """The end-of-run check against 2PC leaks, on the stats answers it would see: outcome
+    records that go within the window pass; one that stays (the leak an audit found in
+    lost commit acks) is a violation, and so is a prepared txn left behind."""
+    import argparse
+    from soak import Soak
+
+    def soak_seeing(answers):
+        soak = Soak(argparse.Namespace(seed=1), tmp_path, tmp_path)
+        feed = iter(answers)
+        soak.call = lambda op, retry_secs=0: next(feed, answers[-1])
+        return soak
+
+    def stats(*held):
+        return {"ok": True, "shards": [{"shard": i, "up": True, "prepared": p, "outcomes": o}
+                                       for i, (p, o) in enumerate(held)]}
+    draining = soak_seeing([stats((0, 3), (0, 2)), stats((0, 1), (0, 0)), stats((0, 0), (0, 0))])
+    draining.check_2pc_settles(within_secs=5)
+    assert draining.violations == []
+    for left in ((0, 1), (1, 0)):
+        stuck = soak_seeing([stats((0, 0), left)])
+        stuck.check_2pc_settles(within_secs=0.5)
+        assert [v["invariant"] for v in stuck.violations] == ["2PC state settles"]
+
+
 @pytest.mark.parametrize("stop", ["SIGINT, started as a shell's background job", "SIGTERM"])
 def test_a_signal_stops_the_soak_with_a_report_of_the_run_so_far(tmp_path, stop):
     """A soak of hours keeps its evidence on disk while it runs (samples.jsonl as samples
