@@ -73,6 +73,12 @@ MAX_INT = 2**63 - 1
 CHECKPOINT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+# The largest value a [limits] key may take: the parsers hold sizes as C ssize_t (a larger
+# one made every txn and batch fail `internal`), ZeroMQ's frame cap is 4x max_frame_bytes
+# in an int64, and a frame is held in memory whole, several times over, anyway.
+MAX_LIMIT = 1 << 30
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """Request size limits ([limits] in configs/node.toml)."""
@@ -94,8 +100,8 @@ class Limits:
         if unknown:
             raise ValueError(f"limits: unknown key(s) {', '.join(unknown)}")
         for name, value in d.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"limits.{name}: must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_LIMIT:
+                raise ValueError(f"limits.{name}: must be an integer between 1 and {MAX_LIMIT}, got {value!r}")
         return cls(**d)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from node.protocol import MAX_LIMIT
 from node.security import is_loopback
 from shard.busypoll import DEFAULT_WINDOW_US
 
@@ -71,13 +72,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "busy_poll_us": Key(int, DEFAULT_WINDOW_US, between(0, 100_000)),  # 0 = always block in poll
     },
     "limits": {
-        "max_key_bytes": Key(int, 10000, at_least(1)),
-        "max_value_bytes": Key(int, 100000, at_least(1)),
-        "max_txn_ops": Key(int, 10000, at_least(1)),
-        "max_txn_bytes": Key(int, 10000000, at_least(1)),
-        "max_frame_bytes": Key(int, 16777216, at_least(1024)),
-        "max_batch_txns": Key(int, 10000, at_least(1)),
-        "max_get_keys": Key(int, 10000, at_least(1)),
+        "max_key_bytes": Key(int, 10000, between(1, MAX_LIMIT)),
+        "max_value_bytes": Key(int, 100000, between(1, MAX_LIMIT)),
+        "max_txn_ops": Key(int, 10000, between(1, MAX_LIMIT)),
+        "max_txn_bytes": Key(int, 10000000, between(1, MAX_LIMIT)),
+        "max_frame_bytes": Key(int, 16777216, between(1024, MAX_LIMIT)),
+        "max_batch_txns": Key(int, 10000, between(1, MAX_LIMIT)),
+        "max_get_keys": Key(int, 10000, between(1, MAX_LIMIT)),
     },
     "durability": {
         "mode": Key(str, "wal", one_of("wal", "fsync")),

@@ -1,5 +1,6 @@
 """Request validation of protocol v1: every op accepted, every kind of bad input
 answered with the right code, and no input makes decode_request raise anything else."""
+import dataclasses
 import struct
 
 import msgpack
@@ -42,10 +43,22 @@ def test_limits_from_config_dict_matches_node_toml():
 
 
 @pytest.mark.parametrize("bad", [{"max_key_bytes": 0}, {"max_key_bytes": True},
-                                 {"max_key_bytes": "10"}, {"nope": 3}])
+                                 {"max_key_bytes": "10"}, {"nope": 3},
+                                 {"max_txn_bytes": protocol.MAX_LIMIT + 1}, {"max_txn_bytes": 2**63}])
 def test_limits_from_dict_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         Limits.from_dict(bad)
+
+
+def test_the_largest_limits_allowed_still_parse_txns_and_batches():
+    """A limit beyond what the parsers hold as a C ssize_t made every txn and batch fail
+    `internal` (an audit found it with "unlimited" written as 2**63): the cap keeps every
+    allowed value parseable, by the native parser as by the Python one."""
+    top = Limits.from_dict({f.name: protocol.MAX_LIMIT for f in dataclasses.fields(Limits)})
+    txn = {"op": "txn", "id": 1, "writes": [[b"k", b"v"]]}
+    batch = {"op": "batch", "id": 2, "txns": [{"writes": [[b"k", b"v"]]}]}
+    assert decode_request(msgpack.packb(txn), top)["writes"] == [(b"k", b"v")]
+    assert decode_request(msgpack.packb(batch), top)["txns"][0]["writes"] == [(b"k", b"v")]
 
 
 # --- every op accepted --------------------------------------------------------------

@@ -46,7 +46,10 @@ def test_missing_keys_take_defaults_and_overrides_win(tmp_path):
     ("[flush]\ninterval_secs = 0\n", "flush.interval_secs: must be > 0, got 0"),
     ("[router]\nrequest_timeout_secs = \"5\"\n", "router.request_timeout_secs: must be a number"),
     ("[rocksdb]\ncompression = \"gzip\"\n", "rocksdb.compression: must be one of"),
-    ("[limits]\nmax_key_bytes = -1\n", "limits.max_key_bytes: must be >= 1, got -1"),
+    ("[limits]\nmax_key_bytes = -1\n", "limits.max_key_bytes: must be between 1 and 1073741824, got -1"),
+    # "unlimited" written as a huge number: every txn failed `internal` (C ssize_t overflow)
+    ("[limits]\nmax_txn_bytes = 9223372036854775808\n",
+     "limits.max_txn_bytes: must be between 1 and 1073741824, got 9223372036854775808"),
     ("[node]\nmetrics_port = 70000\n", "node.metrics_port: must be between 0 and 65535"),
     ("[node]\nbusy_poll_us = -1\n", "node.busy_poll_us: must be between 0 and 100000, got -1"),
     ("[node]\nbusy_poll_us = 0.5\n", "node.busy_poll_us: must be an integer, got 0.5"),
