@@ -162,7 +162,13 @@ class ScanResult:
 # --- helpers --------------------------------------------------------------------------
 
 def as_bytes(data: Key) -> bytes:
-    return data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    """str (UTF-8) or a bytes-like object as bytes. Anything else is a TypeError: bytes(100)
+    is 100 zero bytes, so an int key or value would otherwise be stored as NULs."""
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"keys and values must be bytes or str, got {type(data).__name__}")
 
 
 def _pairs(items: Any) -> list[list]:
@@ -215,6 +221,8 @@ class Client:
         process's wake-up, tens of microseconds on a VM, for up to that much CPU per
         request; worth it for a client that sends one txn at a time and waits."""
         self.endpoint = endpoint
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")   # inf, nan too
         self.timeout = timeout
         if type(busy_poll_us) is not int or busy_poll_us < 0:
             raise ValueError(f"busy_poll_us must be an int >= 0, got {busy_poll_us!r}")
@@ -447,10 +455,20 @@ class Client:
 
     def run_transaction(self, fn: Callable[["Transaction"], T], attempts: int = 10,
                         backoff: float = 0.01) -> T:
-        """Run fn(tx) in a fresh transaction, re-running it on conflict (bounded)."""
+        """Run fn(tx) in a fresh transaction and commit it, running it again (bounded) on
+        a conflict, or when a read or the commit certainly had no effect. A commit whose
+        outcome is unknown (a Timeout, or Unavailable with outcome "unknown") is raised,
+        not run again: it may have committed, and a read-modify-write run twice applies
+        twice (the caller decides, e.g. by reading what it wrote)."""
         def once() -> T:
-            with self.transaction() as tx:
-                out = fn(tx)
+            tx = Transaction(self)
+            out = fn(tx)
+            try:
+                tx.commit()
+            except Unavailable as exc:
+                if exc.outcome != "aborted":
+                    exc.retryable = False
+                raise
             return out
         return retry(once, attempts=attempts, backoff=backoff)
 
@@ -477,12 +495,19 @@ class Transaction:
     reads: dict[bytes, int] = field(default_factory=dict)
     writes: dict[bytes, bytes | None] = field(default_factory=dict)
     commit_ts: int | None = None
+    finished: bool = False      # commit() was called: a later get/put/delete raises
+
+    def _check_open(self) -> None:
+        if self.finished:
+            # a put after commit() used to be dropped without a word
+            raise RuntimeError("this transaction has been committed: start a new one")
 
     def get(self, key: Key) -> bytes | None:
         """The key's value: this transaction's own write if any, else the snapshot's."""
         return self.get_many([key])[0]
 
     def get_many(self, keys: Iterable[Key]) -> list[bytes | None]:
+        self._check_open()
         keys = [as_bytes(k) for k in keys]
         wanted = [k for k in keys if k not in self.writes]
         if wanted:
@@ -496,15 +521,20 @@ class Transaction:
         return [self.writes[k] if k in self.writes else fetched[k] for k in keys]
 
     def put(self, key: Key, value: Key) -> None:
+        self._check_open()
         self.writes[as_bytes(key)] = as_bytes(value)
 
     def delete(self, key: Key) -> None:
+        self._check_open()
         self.writes[as_bytes(key)] = None
 
     def commit(self) -> int | None:
-        """Commit (also done by the context manager); None when nothing was touched."""
-        if self.commit_ts is not None:
+        """Commit (also done by the context manager, after which a second call returns
+        the same); None when nothing was touched. Once called, whatever it raised, the
+        transaction takes no more reads or writes."""
+        if self.finished:
             return self.commit_ts
+        self.finished = True
         if not self.reads and not self.writes:
             return None
         self.commit_ts = self.client.txn(reads=self.reads, writes=self.writes)

@@ -237,3 +237,103 @@ def test_busy_polling_still_times_out(server):
 def test_busy_poll_us_must_be_a_non_negative_int(bad):
     with pytest.raises(ValueError, match="busy_poll_us"):
         Client("tcp://127.0.0.1:1", busy_poll_us=bad)
+
+
+def serve_script(server, answers):
+    """Answer requests in a thread: answers[i](req) -> reply frame, or None for no reply."""
+    import threading
+    seen = []
+
+    def serve():
+        for answer in answers:
+            (ident, req), = take(server, 1)
+            seen.append(req)
+            frame = answer(req)
+            if frame is not None:
+                server.send_multipart([ident, frame])
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return seen, t
+
+
+def counter_read(req):
+    return encode_reply(req["id"], ts=7, values=[b"1"], versions=[7])
+
+
+def increment(tx):
+    tx.put(b"counter", str(int(tx.get(b"counter")) + 1))
+
+
+@pytest.mark.parametrize("outcome", ["unknown", None])
+def test_run_transaction_does_not_run_again_a_commit_that_may_have_committed(server, outcome):
+    """The commit's reply says it may have applied: running the read-modify-write again
+    would read its own write and add 1 twice (an audit saw the counter at 2 through a proxy
+    that lost the first reply). It is raised instead, with no second txn sent."""
+    extra = {} if outcome is None else {"outcome": outcome}
+    seen, t = serve_script(server, [counter_read,
+                                    lambda req: encode_error(req["id"], "unavailable", "lost", True, **extra)])
+    with Client(server.endpoint, timeout=5) as kv:
+        with pytest.raises(Unavailable) as err:
+            kv.run_transaction(increment, attempts=5, backoff=0.001)
+    t.join(5)
+    assert err.value.retryable is False
+    assert [r["op"] for r in seen] == ["get", "txn"]
+
+
+def test_run_transaction_does_not_run_again_a_commit_that_timed_out(server):
+    seen, t = serve_script(server, [counter_read, lambda req: None])
+    with Client(server.endpoint, timeout=0.3) as kv:
+        with pytest.raises(Timeout):
+            kv.run_transaction(increment, attempts=5, backoff=0.001)
+    t.join(5)
+    assert [r["op"] for r in seen] == ["get", "txn"]
+    assert not server.poll(100)          # and no third request (a re-run) came after them
+
+
+def test_run_transaction_runs_again_after_a_conflict_or_a_commit_that_had_no_effect(server):
+    seen, t = serve_script(server, [
+        counter_read, lambda req: encode_error(req["id"], "conflict", "changed", True, keys=[b"counter"]),
+        counter_read, lambda req: encode_error(req["id"], "unavailable", "shard down", True, outcome="aborted"),
+        counter_read, lambda req: encode_reply(req["id"], commit_ts=9)])
+    with Client(server.endpoint, timeout=5) as kv:
+        kv.run_transaction(increment, attempts=5, backoff=0.001)
+    t.join(5)
+    assert [r["op"] for r in seen] == ["get", "txn"] * 3
+    assert seen[-1]["writes"] == [[b"counter", b"2"]]
+
+
+def test_a_transaction_refuses_writes_after_its_commit(server):
+    """A put after an explicit commit() inside `with kv.transaction()` was dropped silently."""
+    seen, t = serve_script(server, [lambda req: encode_reply(req["id"], commit_ts=3)])
+    with Client(server.endpoint, timeout=5) as kv:
+        with pytest.raises(RuntimeError, match="committed"):
+            with kv.transaction() as tx:
+                tx.put(b"a", b"1")
+                assert tx.commit() == 3
+                tx.put(b"b", b"2")
+        with pytest.raises(RuntimeError):
+            tx.get(b"a")
+    t.join(5)
+    assert [r["op"] for r in seen] == ["txn"]
+
+
+@pytest.mark.parametrize("bad", [100, 3.5, None, ["k"]])
+def test_keys_and_values_must_be_bytes_or_str(server, bad):
+    """bytes(100) is 100 zero bytes: an int value was stored as NULs, an int key written as
+    one (and a huge int allocated gigabytes). Nothing is sent."""
+    with Client(server.endpoint, timeout=5) as kv:
+        with pytest.raises(TypeError, match="bytes or str"):
+            kv.put(b"k", bad) if bad is not None else kv.put(bad, b"v")
+        with pytest.raises(TypeError):
+            kv.get([b"k", 7])
+        tx = kv.transaction().__enter__()
+        with pytest.raises(TypeError):
+            tx.put(b"k", 100)
+    assert not server.poll(100)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan"), "5", True])
+def test_the_timeout_must_be_a_number_of_seconds(timeout):
+    """An infinite one crashed the first reply wait (int(inf * 1000))."""
+    with pytest.raises(ValueError, match="timeout"):
+        Client("tcp://127.0.0.1:1", timeout=timeout)
