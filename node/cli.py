@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import sys
 
@@ -57,18 +58,35 @@ def parse_arg(text: str, hex_mode: bool) -> bytes:
         raise UsageError(f"not hex: {text!r}") from None
 
 
+def seconds(text: str) -> float:
+    """--timeout: seconds > 0, finite (inf or nan crashed the reply wait with a traceback)."""
+    value = float(text)
+    if not math.isfinite(value) or not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 (and < 1e9), got {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    """A ts, height, limit or keep: an int from 0 to 2^63-1 (what msgpack sends as int64;
+    a larger one crashed the encoder instead of reaching the node's own checks)."""
+    value = int(text)
+    if not 0 <= value <= 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2^63-1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shardkv", description="Talk to a shardkv node.",
                                 epilog="Values print as UTF-8 text when printable, else 0x<hex>.")
     p.add_argument("--endpoint", "-e", default=os.environ.get("SHARDKV_ENDPOINT", DEFAULT_ENDPOINT),
                    help=f"node endpoint (default $SHARDKV_ENDPOINT or {DEFAULT_ENDPOINT})")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
+    p.add_argument("--timeout", type=seconds, default=10.0, help="seconds to wait for a reply")
     p.add_argument("--hex", action="store_true", help="KEY/VALUE arguments are hex")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("ping", help="check the node answers")
     g = sub.add_parser("get", help="read keys")
     g.add_argument("keys", nargs="+", metavar="KEY")
-    g.add_argument("--at", type=int, help="read at this commit_ts")
+    g.add_argument("--at", type=count, help="read at this commit_ts")
     s = sub.add_parser("put", help="write one key")
     s.add_argument("key", metavar="KEY")
     s.add_argument("value", metavar="VALUE")
@@ -78,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--prefix")
     sc.add_argument("--start")
     sc.add_argument("--end")
-    sc.add_argument("--limit", type=int, default=1000, help="at most this many items (default 1000)")
-    sc.add_argument("--at", type=int, help="scan at this commit_ts")
+    sc.add_argument("--limit", type=count, default=1000, help="at most this many items (default 1000)")
+    sc.add_argument("--at", type=count, help="scan at this commit_ts")
     sub.add_parser("stats", help="per-shard and node statistics")
     c = sub.add_parser("checkpoint", help="create, list or delete checkpoints")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -90,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("name", metavar="NAME")
     sub.add_parser("flush", help="flush every shard now")
     pr = sub.add_parser("prune", help="drop old versions")
-    pr.add_argument("--keep", type=int, help="versions to keep per key (default: node config)")
+    pr.add_argument("--keep", type=count, help="versions to keep per key (default: node config)")
     b = sub.add_parser("block", help="mark the end of a block")
-    b.add_argument("height", type=int, metavar="HEIGHT")
+    b.add_argument("height", type=count, metavar="HEIGHT")
     return p
 
 

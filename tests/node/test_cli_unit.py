@@ -22,11 +22,18 @@ def test_parse_arg_text_and_hex():
 
 
 @pytest.mark.parametrize("argv", [[], ["nope"], ["get"], ["put", "k"], ["block", "x"],
-                                  ["checkpoint"], ["checkpoint", "delete"], ["scan", "--limit", "z"]])
+                                  ["checkpoint"], ["checkpoint", "delete"], ["scan", "--limit", "z"],
+                                  # these crashed with a traceback (an audit of the CLI)
+                                  ["--timeout", "inf", "ping"], ["--timeout", "nan", "ping"],
+                                  ["--timeout", "0", "ping"], ["--timeout", "-1", "ping"],
+                                  ["get", "k", "--at", str(2**64)], ["block", str(2**64)],
+                                  ["prune", "--keep", "-1"], ["scan", "--limit", str(2**70)]])
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
-        cli.main(argv)
+        cli.main(["--endpoint", "tcp://127.0.0.1:1"] + argv)
     assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "Traceback" not in err
 
 
 def test_bad_hex_argument_exits_2(capsys):
