@@ -51,6 +51,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def load(args) -> dict:
+    # An empty flag is an error, not "the default": --data-dir "" used to become the
+    # caller's cwd (abspath("")), and --config "" the shipped config, without a word.
+    for flag, value in (("--data-dir", args.data_dir), ("--config", args.config)):
+        if value is not None and not value.strip():
+            raise cfg.ConfigError(f"{flag}: must not be empty")
     overrides = {}
     if args.data_dir is not None:
         overrides["node.data_dir"] = os.path.abspath(caller_path(args.data_dir))

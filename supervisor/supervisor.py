@@ -299,6 +299,8 @@ class Supervisor:
             log.log(logging.INFO if self.state == "stopping" else logging.WARNING,
                     "%s (pid %d) %s", child.name, old_pid, how)
         if self.state == "stopping":
+            if child.role == "shard" and not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                self.stopped_unclean()     # killed or failed mid-stop: it did not flush
             return
         if child.fatal_error:
             self.halt(f"{child.name} cannot start: {child.fatal_error}")
@@ -358,6 +360,8 @@ class Supervisor:
         self.exit_code = exit_code
         for child in self.children:
             child.respawn_at = None
+            if child.role == "shard" and not child.alive:
+                self.stopped_unclean()     # down, waiting for its restart: it flushes nothing
         self.start_phase([c for c in self.children if c.role == "router"])
 
     def start_phase(self, targets: list[Child]) -> None:

@@ -1,4 +1,5 @@
 """Config loading: defaults match configs/node.toml, every bad value is refused naming its key."""
+import os
 import subprocess
 import tomllib
 
@@ -106,3 +107,17 @@ def test_scripts_node_resolves_a_relative_data_dir_against_the_callers_cwd(tmp_p
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 1
     assert f"data dir {tmp_path / 'rel'} does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["--data-dir", ""], ["--config", ""], ["restore", "x", "--data-dir", " "]])
+def test_an_empty_path_flag_is_a_config_error_and_creates_nothing(tmp_path, argv):
+    """--data-dir "" used to make the caller's cwd the data dir (NODE.json, shard-*, the
+    lock and the timestamp file written there) and --config "" to mean the default."""
+    from supervisor import main as supervisor_main
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert supervisor_main.main(argv) == 2
+    finally:
+        os.chdir(cwd)
+    assert list(tmp_path.iterdir()) == []

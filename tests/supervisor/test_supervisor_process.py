@@ -197,6 +197,32 @@ def test_child_ignoring_sigterm_is_killed_after_grace(tmp_path, nodes):
     assert "shard 0 (pid" in log and "did not stop within 1.0s: SIGKILL" in log
 
 
+def test_a_shard_killed_while_the_node_stops_makes_the_exit_status_1(tmp_path, nodes):
+    """Exit status 0 says every shard flushed (PROTOCOL.md). A shard SIGKILLed during the
+    stop, before its grace ran out, did not: the status was 0 all the same."""
+    config = fast_config(tmp_path, shutdown_grace_secs=30.0)
+    node = start(tmp_path, config=config, env=fake_env(FAKE_IGNORE_TERM="shard:0"))
+    nodes.append(node)
+    node.wait_ready()
+    shard0 = node.child_pid('"shard": 0')
+    node.signal(signal.SIGTERM)
+    node.wait_log(f"stopping shard 0 (pid {shard0})")
+    os.kill(shard0, signal.SIGKILL)
+    assert node.wait_exit(timeout=20) == 1
+
+
+def test_a_stop_while_a_shard_waits_to_be_restarted_makes_the_exit_status_1(tmp_path, nodes):
+    """The stop cancels the pending restart, so that shard never flushed in it."""
+    node = start(tmp_path, config=fast_config(tmp_path, restart_backoff_initial_secs=30.0,
+                                              restart_backoff_max_secs=60.0))
+    nodes.append(node)
+    node.wait_ready()
+    os.kill(node.child_pid('"shard": 1'), signal.SIGKILL)
+    node.wait_log("restarting shard 1 in 30.0s")
+    node.signal(signal.SIGTERM)
+    assert node.wait_exit(timeout=20) == 1
+
+
 def test_sigkill_of_the_supervisor_leaves_no_orphans(tmp_path, nodes):
     node = start(tmp_path)
     nodes.append(node)
