@@ -22,6 +22,7 @@ node/admin_ops.py (flush, checkpoint, block, prune, stats).
 """
 import collections
 import os
+import secrets
 import sys
 import time
 
@@ -88,6 +89,9 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
     def __init__(self, spec: dict):
         self.config = spec["config"]
         self.nshards = int(spec["shards"])
+        # incarnation: new on every start, so the supervisor carries the metrics counters of
+        # the previous one over (its first snapshot may hold none of them yet)
+        self.inc = secrets.token_hex(8)
         self.data_dir = spec["data_dir"]
         self.run_dir = spec["run_dir"]
         node = self.config.get("node", {})
@@ -514,7 +518,8 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
                       for s in range(self.nshards)}, done)
 
     def snapshot(self) -> dict:
-        return {"role": "router", "pid": os.getpid(), "ts": time.time(), "commit_ts": self.oracle.last,
+        return {"role": "router", "pid": os.getpid(), "inc": self.inc, "ts": time.time(),
+                "commit_ts": self.oracle.last,
                 "block_height": self.block_height,
                 "requests": {op: h.snapshot() for op, h in self.req_hist.items()},
                 "results": [[op, res, n] for (op, res), n in self.results.items()],

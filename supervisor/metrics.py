@@ -208,7 +208,7 @@ class MetricsState:
             inc = snapshot.get("inc")
             if inc is not None and inc in entry.retired:
                 return      # a late message from a dead incarnation: already counted
-            if entry.snapshot and self._is_new_incarnation(entry, inc, counters):
+            if entry.snapshot and self._is_new_incarnation(entry, inc, counters, snapshot.get("pid")):
                 entry.base = entry.totals()
                 if entry.inc is not None:
                     entry.retired.add(entry.inc)
@@ -220,11 +220,15 @@ class MetricsState:
                 entry.pid = snapshot["pid"]
 
     @staticmethod
-    def _is_new_incarnation(entry: ChildEntry, inc, counters: dict) -> bool:
+    def _is_new_incarnation(entry: ChildEntry, inc, counters: dict, pid) -> bool:
         if inc is not None or entry.inc is not None:
             return inc != entry.inc
-        # No incarnation id at all: a counter going down means the child restarted.
-        return any(v < entry.current.get(k, 0.0) for k, v in counters.items())
+        # No incarnation id at all: another pid, a counter going down or one gone (a new
+        # process's first snapshot may hold none yet) means the child restarted.
+        old_pid = entry.snapshot.get("pid")
+        if isinstance(pid, int) and isinstance(old_pid, int) and pid != old_pid:
+            return True
+        return any(counters.get(k, 0.0) < v for k, v in entry.current.items())
 
     def _entry(self, role: str, shard: int | None) -> ChildEntry | None:
         if role == "router":

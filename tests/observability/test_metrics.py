@@ -232,6 +232,26 @@ def test_without_inc_a_counter_going_down_marks_a_restart():
     assert sample(f, "shardkv_requests", "shardkv_requests_total", op="get", result="ok") == 12
 
 
+def test_without_inc_a_new_pid_or_a_counter_gone_marks_a_restart():
+    """A new router's first snapshot can hold no request counters at all: with no inc to
+    tell, the old totals were dropped (20 -> missing -> 1 at /metrics, an audit saw)."""
+    state = full_state(shards=1)
+    state.update("router", None, dict(router_snapshot(gets=20), inc=None, pid=111))
+    empty = dict(router_snapshot(gets=0), inc=None, pid=111, results=[], requests={})
+    state.update("router", None, empty)                                       # same pid, counters gone
+    state.update("router", None, dict(router_snapshot(gets=1), inc=None, pid=222))   # new pid
+    f = scrape(state)
+    # 4 (inc r-1) + 20 + 0 + 1: never below what was scraped before
+    assert sample(f, "shardkv_requests", "shardkv_requests_total", op="get", result="ok") == 25
+
+
+def test_the_router_snapshot_names_its_incarnation(tmp_path):
+    from node.router import Router
+    spec = {"config": {}, "shards": 1, "data_dir": str(tmp_path), "run_dir": str(tmp_path)}
+    first, second = Router(spec), Router(spec)
+    assert first.snapshot()["inc"] == first.inc and first.inc != second.inc
+
+
 def test_requests_total_as_nested_map():
     state = full_state(shards=1)
     snap = router_snapshot()
