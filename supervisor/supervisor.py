@@ -16,21 +16,19 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import time
 
 import msgpack
 import zmq
 
 from shard.process import EXIT_FATAL
-from supervisor import datadir, observability, restore
+from supervisor import datadir, observability, restore, rundir
 from supervisor.children import Child, describe_exit, exit_code
 
 log = logging.getLogger("shardkv.supervisor")
 
 POLL_MAX_SECS = 0.25
 LAST_WORDS_SECS = 1.0   # how long a dead, never-ready child's `fatal` message is awaited
-IPC_DIR_MAX = 80   # leaves room for "/shard-<i>.sock" within the 107-byte socket path limit
 
 
 class Supervisor:
@@ -84,10 +82,10 @@ class Supervisor:
         self.lock = datadir.DataDirLock(self.data_dir).acquire("starting another node")
         datadir.check_shard_count(self.data_dir, self.shard_count)
         restore.finish_interrupted(self.data_dir)
-        self.run_dir = tempfile.mkdtemp(prefix="shardkv-")   # mode 0700
-        if len(self.run_dir) > IPC_DIR_MAX:   # ipc:// paths are limited to ~107 bytes
-            os.rmdir(self.run_dir)
-            self.run_dir = tempfile.mkdtemp(prefix="shardkv-", dir="/tmp")
+        stale = rundir.remove_stale_run_dirs()
+        if stale:
+            log.info("removed %d run dir(s) of supervisors that were killed", len(stale))
+        self.run_dir = rundir.make_run_dir()
         log.info("run dir %s", self.run_dir)
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
