@@ -5,6 +5,7 @@ so a dead or slow child can never stall a scrape.
 """
 from __future__ import annotations
 
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -51,6 +52,10 @@ class MetricsServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address, state: MetricsState):
+        # node.metrics_host may be an IPv6 address ("::1"): it passed the config check and
+        # then failed at start on an IPv4 socket
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.state = state
         self.registry = make_registry(state)

@@ -210,6 +210,15 @@ def test_http_serves_metrics_and_healthz(served):
     assert get(base + "/nope")[0] == 404
 
 
+def test_metrics_are_served_on_an_ipv6_loopback_host_too():
+    server = start_metrics_server("::1", 0, full_state())
+    try:
+        status, body, _ = get(f"http://[::1]:{server.port}/healthz")
+        assert status == 200
+    finally:
+        server.shutdown()
+
+
 def test_shutdown_releases_the_port():
     state = full_state()
     server = start_metrics_server("127.0.0.1", 0, state)
