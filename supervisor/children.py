@@ -34,6 +34,7 @@ class Child:
         self.snapshot: dict | None = None
         self.respawn_at: float | None = None
         self.backoff_initial = backoff_initial
+        self.inherit_fds: tuple[int, ...] = ()   # open in the child too (the data dir lock)
         self.backoff_max = backoff_max
         self.backoff = backoff_initial
         self.term_sent = False
@@ -57,8 +58,11 @@ class Child:
         # The child's stdout goes to our stderr: our stdout carries only the `ready` line.
         # Its own process group keeps a terminal's Ctrl-C (SIGINT to the foreground group)
         # away from it, so the supervisor alone decides the stop order (router first).
+        # It inherits the data dir's lock fd (datadir.DataDirLock): the node keeps the
+        # data dir until its last process exits, supervisor or not.
         self.proc = subprocess.Popen(self.command(), stdout=sys.stderr.fileno(),
-                                     stdin=subprocess.DEVNULL, process_group=0)
+                                     stdin=subprocess.DEVNULL, process_group=0,
+                                     pass_fds=self.inherit_fds)
         self.pid = self.proc.pid
         self.ready = False
         self.term_sent = False

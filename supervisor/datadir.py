@@ -41,22 +41,41 @@ def ensure_data_dir(path: str) -> None:
         raise DataDirError(f"cannot create data dir {path}: {exc.strerror}") from None
 
 
+# How long a start or restore waits for the processes of a node whose supervisor is gone
+# (killed with SIGKILL: its router and shards then stop on their own, a shard flushing).
+ORPHANS_WAIT_SECS = 10.0
+
+
 class DataDirLock:
-    """Exclusive ownership of a data dir for the life of this object's fd."""
+    """Exclusive ownership of a data dir for the life of this object's fd. The supervisor
+    passes the fd to its router and shards (Child.spawn), so the flock holds until the
+    last process of the node exits, also when the supervisor itself was killed: a restore
+    or a new node never runs beside children still shutting down."""
 
     def __init__(self, data_dir: str):
         self.path = os.path.join(data_dir, LOCK_NAME)
         self.fd: int | None = None
 
-    def acquire(self, purpose: str) -> "DataDirLock":
+    def acquire(self, purpose: str, orphans_wait_secs: float = ORPHANS_WAIT_SECS) -> "DataDirLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)   # O_CLOEXEC by default
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise DataDirError(f"data dir {os.path.dirname(self.path)} is in use by a running "
-                               f"shardkv node (pid {holder}); stop it before {purpose}") from None
+        deadline = time.monotonic() + orphans_wait_secs
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            where = os.path.dirname(self.path)
+            if holder.isdigit() and _pid_alive(int(holder)):
+                os.close(fd)
+                raise DataDirError(f"data dir {where} is in use by a running shardkv node "
+                                   f"(pid {holder}); stop it before {purpose}") from None
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise DataDirError(f"data dir {where} is still in use by processes of a node whose "
+                                   f"supervisor (pid {holder}) is gone; they did not exit within "
+                                   f"{orphans_wait_secs:.0f}s: stop them before {purpose}") from None
+            time.sleep(0.1)       # the orphaned router and shards are stopping: wait for them
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -66,6 +85,16 @@ class DataDirLock:
         if self.fd is not None:
             os.close(self.fd)   # closing drops the flock; the file stays (harmless)
             self.fd = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def shard_dirs(data_dir: str) -> list[int]:

@@ -118,6 +118,7 @@ class Supervisor:
             self.spawn(child)
 
     def spawn(self, child: Child) -> None:
+        child.inherit_fds = (self.lock.fd,) if self.lock is not None and self.lock.fd is not None else ()
         child.spawn()
         log.info("started %s (pid %d)", child.name, child.pid)
         self.report_child(child)

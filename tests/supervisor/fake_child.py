@@ -7,6 +7,8 @@ vars naming "role:shard" (router: "router:"), e.g. FAKE_FATAL="shard:1":
   FAKE_CRASH_EARLY    exit 3 before reporting ready
   FAKE_HANG           first incarnation stops sending status after ready
   FAKE_IGNORE_TERM    ignore SIGTERM
+  FAKE_SLOW_ORPHAN    once orphaned, take 60 s to exit (a shard flushing after its
+                      supervisor was killed)
 FAKE_EVENTS (a file) gets one line per event: "<who> <event> <pid> <monotonic time>".
 The fake router binds node.listen and answers `ping` like the real one.
 """
@@ -79,6 +81,8 @@ def main() -> int:
     while not stopping:
         if os.getppid() != parent:
             event(who, "orphaned")
+            if picked("FAKE_SLOW_ORPHAN", who):
+                time.sleep(60)
             break
         if poller.poll(50) and front is not None:
             *envelope, frame = front.recv_multipart()

@@ -223,6 +223,25 @@ def test_a_stop_while_a_shard_waits_to_be_restarted_makes_the_exit_status_1(tmp_
     assert node.wait_exit(timeout=20) == 1
 
 
+def test_the_data_dir_stays_locked_until_the_last_process_of_a_killed_node_exits(tmp_path, nodes):
+    """The supervisor's children hold the data dir lock too: after a SIGKILL of the
+    supervisor alone, a restore (or a new node) went ahead while a shard was still
+    shutting down on the same files (an audit saw one staging beside a live shard)."""
+    from supervisor.datadir import DataDirError, DataDirLock
+    node = start(tmp_path, env=fake_env(FAKE_IGNORE_TERM="shard:0", FAKE_SLOW_ORPHAN="shard:0"))
+    nodes.append(node)
+    node.wait_ready()
+    shard0 = node.child_pid('"shard": 0')
+    os.kill(node.pid, signal.SIGKILL)
+    node.wait_exit()
+    assert alive(shard0)                    # still stopping, as a shard flushing would be
+    with pytest.raises(DataDirError, match=f"supervisor \\(pid {node.pid}\\) is gone"):
+        DataDirLock(str(tmp_path / "data")).acquire("restoring", orphans_wait_secs=0.5)
+    os.kill(shard0, signal.SIGKILL)
+    wait_for(lambda: not alive(shard0), 10, "shard 0 to exit")
+    DataDirLock(str(tmp_path / "data")).acquire("restoring", orphans_wait_secs=5).release()
+
+
 def test_sigkill_of_the_supervisor_leaves_no_orphans(tmp_path, nodes):
     node = start(tmp_path)
     nodes.append(node)
