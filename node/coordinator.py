@@ -17,10 +17,10 @@ recovery rule that lets a cross-shard commit be answered at the decision.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING
 import sys
 import time
 import zlib
+from typing import TYPE_CHECKING
 
 from node.errors import err, shard_error, txn_error, txn_error_of, unavailable
 from node.routing import parts_by_shard, route_batch

@@ -157,6 +157,17 @@ def check(e, m, rng, where):
         os._exit(MISMATCH_EXIT)
 
 
+def pick_keys(m, rng):
+    """(keys to write, keys to read) for a new txn that no prepared txn's lock refuses:
+    writes avoid every locked key, reads the write-locked ones. None when all are locked."""
+    free = [k for k in KEYS if k not in m.locked(False)]
+    if not free:
+        return None
+    readable = [k for k in KEYS if k not in m.locked(True)]
+    return (rng.sample(free, rng.randint(1, min(2, len(free)))),
+            rng.sample(readable, rng.randint(0, min(2, len(readable)))))
+
+
 def main():
     path, events_path, seed, nops = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     rng = random.Random(seed)
@@ -216,12 +227,10 @@ def main():
             arm()
         r = rng.random()
         if r < 0.30:
-            free = [k for k in KEYS if k not in m.locked(False)]
-            if not free:
+            picked = pick_keys(m, rng)
+            if picked is None:
                 continue
-            wk = rng.sample(free, rng.randint(1, min(2, len(free))))
-            readable = [k for k in KEYS if k not in m.locked(True)]
-            rk = rng.sample(readable, rng.randint(0, min(2, len(readable))))
+            wk, rk = picked
             ts = m.max_ts + 1
             writes = [(k, None if rng.random() < 0.3 else b"v%d" % ts) for k in wk]
             try:
@@ -231,12 +240,10 @@ def main():
                 os._exit(MISMATCH_EXIT)
             ack(["c", ts, [[k.hex(), hx(v)] for k, v in writes]])
         elif r < 0.40:
-            free = [k for k in KEYS if k not in m.locked(False)]
-            if not free:
+            picked = pick_keys(m, rng)
+            if picked is None:
                 continue
-            wk = rng.sample(free, rng.randint(1, min(2, len(free))))
-            readable = [k for k in KEYS if k not in m.locked(True)]
-            rk = rng.sample(readable, rng.randint(0, min(2, len(readable))))
+            wk, rk = picked
             ts = m.max_ts + 1
             txn = m.next_txn
             writes = [(k, None if rng.random() < 0.3 else b"p%d" % ts) for k in wk]
