@@ -108,21 +108,34 @@ def stage_all(data_dir: str, name: str, shards: int, verify=None) -> None:
 
 
 def copy_shard(src: str, dst: str) -> None:
-    """SSTs are never modified in place, so a hard link is a safe copy; the rest is copied."""
+    """SSTs are never modified in place, so a hard link is a safe copy; the rest is copied.
+    Everything written is on disk before the swap relies on it: each copied file, and the
+    directory's own entries (only the staging root was synced, so after a power cut a
+    swapped-in shard could have lacked files)."""
     os.mkdir(dst, 0o700)
     for entry in os.scandir(src):
         target = os.path.join(dst, entry.name)
         if entry.is_dir(follow_symlinks=False):
             shutil.copytree(entry.path, target)
+            for root, _dirs, files in os.walk(target):
+                for name in files:
+                    fsync_file(os.path.join(root, name))
+                datadir.fsync_dir(root)
         elif entry.name.endswith(".sst"):
             try:
-                os.link(entry.path, target)
+                os.link(entry.path, target)     # the checkpoint's own file, already durable
             except OSError:
                 shutil.copy2(entry.path, target)
+                fsync_file(target)
         else:
             shutil.copy2(entry.path, target)
-            with open(target, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(target)
+    datadir.fsync_dir(dst)
+
+
+def fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def verify_shard(path: str, shard: int, shards: int, verify=None) -> None:

@@ -179,3 +179,22 @@ def test_restore_is_refused_while_the_node_runs_and_node_start_finishes_a_restor
     finally:
         node.kill_all()
     assert live(data) == [b"cp-0", b"cp-1"] and no_leftovers(data)
+
+
+def test_a_staged_shard_is_on_disk_before_the_swap(tmp_path, monkeypatch):
+    """Every file the copy wrote and the staged shard dir's own entries are fsynced (only
+    the staging root was, so a power cut after the swap could lose files of a shard)."""
+    src = tmp_path / "ckpt-shard"
+    (src / "sub").mkdir(parents=True)
+    for name in ("000007.sst", "MANIFEST-000005", "OPTIONS-000009", "sub/extra"):
+        (src / name).write_bytes(b"x" * 10)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd)))
+    dst = tmp_path / "staged"
+    restore.copy_shard(str(src), str(dst))
+    copied = {str(dst / n) for n in ("MANIFEST-000005", "OPTIONS-000009", "sub/extra")}
+    assert copied <= set(synced)
+    assert {str(dst), str(dst / "sub")} <= set(synced)
+    assert os.stat(dst / "000007.sst").st_ino == os.stat(src / "000007.sst").st_ino   # linked
