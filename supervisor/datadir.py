@@ -66,7 +66,7 @@ class DataDirLock:
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             where = os.path.dirname(self.path)
-            if holder.isdigit() and _pid_alive(int(holder)):
+            if holder.isdigit() and pid_alive(int(holder)):
                 os.close(fd)
                 raise DataDirError(f"data dir {where} is in use by a running shardkv node "
                                    f"(pid {holder}); stop it before {purpose}") from None
@@ -87,7 +87,8 @@ class DataDirLock:
             self.fd = None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -144,6 +145,11 @@ def write_json_atomic(path: str, obj) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path))
+
+
+def fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def fsync_dir(path: str) -> None:

@@ -119,23 +119,18 @@ def copy_shard(src: str, dst: str) -> None:
             shutil.copytree(entry.path, target)
             for root, _dirs, files in os.walk(target):
                 for name in files:
-                    fsync_file(os.path.join(root, name))
+                    datadir.fsync_file(os.path.join(root, name))
                 datadir.fsync_dir(root)
         elif entry.name.endswith(".sst"):
             try:
                 os.link(entry.path, target)     # the checkpoint's own file, already durable
             except OSError:
                 shutil.copy2(entry.path, target)
-                fsync_file(target)
+                datadir.fsync_file(target)
         else:
             shutil.copy2(entry.path, target)
-            fsync_file(target)
+            datadir.fsync_file(target)
     datadir.fsync_dir(dst)
-
-
-def fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def verify_shard(path: str, shard: int, shards: int, verify=None) -> None:

@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 
+from supervisor.datadir import pid_alive
+
 PREFIX = "shardkv-"
 OWNER_FILE = "supervisor.pid"
 IPC_DIR_MAX = 80   # leaves room for "/shard-<i>.sock" within the 107-byte socket path limit
@@ -39,18 +41,8 @@ def remove_stale_run_dirs(parents: tuple[str, ...] | None = None) -> list[str]:
                     pid = int(f.read().strip())
             except (OSError, ValueError):
                 continue
-            if pid == os.getpid() or _alive(pid):
+            if pid == os.getpid() or pid_alive(pid):
                 continue
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:       # someone else's process: alive
-        return True
-    return True

@@ -298,7 +298,7 @@ class Supervisor:
             log.log(logging.INFO if self.state == "stopping" else logging.WARNING,
                     "%s (pid %d) %s", child.name, old_pid, how)
         if self.state == "stopping":
-            if child.role == "shard" and not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            if child.role == "shard" and exit_code(status) != 0:
                 self.stopped_unclean()     # killed or failed mid-stop: it did not flush
             return
         if child.fatal_error:
