@@ -19,7 +19,7 @@ from . import commitlog as cl
 from .commitlog import CommitLog
 from .config import EngineConfig
 from .errors import BadRequest, Blocked, Conflict, StorageMismatch, TooOld
-from .keycodec import enc, split_version_key, untag, version_key
+from .keycodec import MAX_TS, enc, split_version_key, untag, version_key
 from .mvcc import ABSENT, RowCache, newest_at
 from .storage import open_db
 
@@ -319,10 +319,15 @@ class ShardEngine:
 
     def scan(self, start: bytes | None, end: bytes | None, limit: int, at: int):
         """Live keys in [start, end) as of `at`, bytewise order, at most `limit`;
-        returns (items [(key, value, version)], more)."""
+        returns (items [(key, value, version)], more). An empty bound is no bound, on
+        every path below: the lock check read b"" as an empty range while the memtable and
+        disk iterators read it as unbounded (the protocol refuses an empty `end`, but the
+        engine must not depend on that)."""
         self._check_snapshot(at)
         if type(limit) is not int or limit < 1:
             raise BadRequest("limit must be an int >= 1")
+        start = start or None
+        end = end or None
         if self.locks:
             blocked = [txn for key, (txn, ts, is_write) in self.locks.items()
                        if is_write and ts <= at and (start is None or key >= start)
@@ -415,6 +420,8 @@ class ShardEngine:
     def _check_new_ts(self, ts) -> None:
         if type(ts) is not int or ts <= self.max_ts:
             raise BadRequest(f"commit ts {ts!r} must be an int above every ts seen ({self.max_ts})")
+        if ts > MAX_TS:      # its version key could not be encoded (keycodec), nor its log record
+            raise BadRequest(f"commit ts {ts} is above the largest ts {MAX_TS}")
 
     def commit(self, ts: int, reads, writes) -> None:
         """One-shot commit of a single-shard txn: validate reads, apply writes at ts.
@@ -470,7 +477,7 @@ class ShardEngine:
             _check_reads(reads)
             _check_writes(writes)
             raise
-        if type(ts) is not int or ts <= max_ts:
+        if type(ts) is not int or ts <= max_ts or ts > MAX_TS:
             self._check_new_ts(ts)
         return bad
 
@@ -537,7 +544,7 @@ class ShardEngine:
             _check_reads(reads)
             _check_writes(writes)
             raise
-        if type(ts) is not int or ts <= max_ts:
+        if type(ts) is not int or ts <= max_ts or ts > MAX_TS:
             self._check_new_ts(ts)
         if read_locked or write_locked or stale:
             self.counters["conflict"] += 1
@@ -569,7 +576,7 @@ class ShardEngine:
         txn = self.prepared_txns.get(txn_id)
         if txn is None:
             raise BadRequest(f"txn {txn_id} is not prepared here")
-        if type(commit_ts) is not int or commit_ts < txn["ts"]:
+        if type(commit_ts) is not int or commit_ts < txn["ts"] or commit_ts > MAX_TS:
             raise BadRequest(f"commit ts {commit_ts!r} is below the prepare ts {txn['ts']}")
         self._unlock(txn_id)
         writes = txn["writes"]
@@ -608,10 +615,11 @@ class ShardEngine:
 
     def set_block(self, height: int) -> None:
         """Record a block height (durable with the next sync); heights must increase."""
-        if type(height) is not int or height <= self.block_height:
-            raise BadRequest(f"block height {height!r} must be an int above {self.block_height}")
-        self.block_height = height
+        if type(height) is not int or height <= self.block_height or height > MAX_TS:
+            raise BadRequest(f"block height {height!r} must be an int above {self.block_height}"
+                             f" and at most {MAX_TS}")
         self.log.stage_meta(cl.BLOCK, cl.pack_int(height))
+        self.block_height = height
 
     # ------------------------------------------------------------------ snapshots
     def pin(self, ts: int) -> None:

@@ -36,9 +36,9 @@ class FrameStream:
     """One connected peer. `read_frames()` returns the complete frames received so far;
     `send()` never blocks; `closed` turns true on EOF, a socket error or a bad length."""
 
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "closed", "poller", "registered")
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "closed", "poller", "registered", "out_cap")
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, out_cap: int = 0):
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()    # the key of this stream in zmq.Poller events (an int)
@@ -47,6 +47,11 @@ class FrameStream:
         self.closed = False
         self.poller = None         # the poller this stream is registered with, if any
         self.registered = 0        # ...and with which flags
+        # Backpressure (0: none): above this many unsent bytes the stream stops asking
+        # for input (poll_flags) and its owner stops reading it (`backlogged`), so a peer
+        # that sends requests but reads no replies cannot grow this process's memory
+        # without bound: it fills its own socket buffer and blocks instead.
+        self.out_cap = out_cap
 
     def fileno(self) -> int:
         return self.fd
@@ -133,8 +138,15 @@ class FrameStream:
 
     # ---------------------------------------------------------------- lifecycle
 
+    @property
+    def backlogged(self) -> bool:
+        """More unsent bytes than out_cap: read nothing from the peer until they drain."""
+        return 0 < self.out_cap < len(self.outbuf)
+
     def poll_flags(self) -> int:
-        return POLLOUT | POLLIN if self.outbuf else POLLIN
+        if not self.outbuf:
+            return POLLIN
+        return POLLOUT if 0 < self.out_cap < len(self.outbuf) else POLLOUT | POLLIN
 
     def sync_poller(self, poller: zmq.Poller) -> None:
         """(Re)register `fd` with the flags the stream needs now (POLLOUT only while
@@ -182,7 +194,7 @@ class FrameListener:
     """The shard's listening socket. Binding removes a stale socket file first (left by a
     killed incarnation of the same shard; the supervisor runs one process per shard)."""
 
-    def __init__(self, path: str, backlog: int = 16):
+    def __init__(self, path: str, backlog: int = 16, out_cap: int = 0):
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -197,6 +209,7 @@ class FrameListener:
             raise
         self.sock.setblocking(False)
         self.fd = self.sock.fileno()
+        self.out_cap = out_cap     # of every accepted stream (FrameStream.out_cap)
 
     def fileno(self) -> int:
         return self.fd
@@ -210,7 +223,7 @@ class FrameListener:
                 return streams
             except OSError:
                 return streams     # e.g. EMFILE: leave it queued, try on the next pass
-            streams.append(FrameStream(sock))
+            streams.append(FrameStream(sock, self.out_cap))
 
     def close(self) -> None:
         self.sock.close()

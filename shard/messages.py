@@ -23,6 +23,8 @@ ping replies); a shard rejects other incarnations with `STALE_INC` and does noth
 """
 import msgpack
 
+from shard.errors import BadRequest
+
 PING = "ping"
 READ = "read"                    # keys, at                         -> values, versions
 SCAN = "scan"                    # start, end, limit, at            -> items, more
@@ -62,6 +64,24 @@ def pack(msg) -> bytes:
 def unpack(frame: bytes):
     # strict_map_key=False: outcome maps are keyed by integer txn ids.
     return msgpack.unpackb(frame, raw=False, strict_map_key=False)
+
+
+# The largest int a field may hold: msgpack's (uint64), which is also the largest ts.
+MAX_WIRE_INT = 2**64 - 1
+
+
+def wire_int(value, name: str) -> int:
+    """`value` if it is an int in 0..2^64-1, else BadRequest naming the field `name`.
+    Not int(): that turned a float (1e30) into an int no log record can hold, and the
+    shard died at its next sync; inf answered `internal`."""
+    if type(value) is not int or not 0 <= value <= MAX_WIRE_INT:
+        raise BadRequest(f"{name} must be an int in 0..{MAX_WIRE_INT}, got {value!r}")
+    return value
+
+
+def int_field(msg: dict, name: str) -> int:
+    """wire_int of msg[name] (KeyError when it is missing)."""
+    return wire_int(msg[name], name)
 
 
 def ok(rid, **fields) -> dict:

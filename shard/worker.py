@@ -49,6 +49,11 @@ TPS_WINDOW_SECS = 5.0
 # 21 minutes (a soak without kills); one malloc_trim(0) gave 70 MB of it back. So a shard
 # trims once a minute: ~10-25 ms on a fragmented heap of a few hundred MiB.
 MALLOC_TRIM_SECS = 60.0
+# A peer with more unsent reply bytes than this is not read from until they drain
+# (link.FrameStream.out_cap): the router reads every pass, so only a peer that sends and
+# never reads (a stuck tool) meets it, and without it such a peer grew the shard's memory
+# by 100 KB per read of a 100 KB value, without bound.
+PEER_OUT_CAP = 64 << 20
 
 
 # ---------------------------------------------------------------- the worker
@@ -112,7 +117,7 @@ class ShardWorker:
         try:
             self.engine = ShardEngine.open(self.path, self.shard, self.shards,
                                            EngineConfig.from_dict(self.config))
-            self.listener = FrameListener(self.endpoint)
+            self.listener = FrameListener(self.endpoint, out_cap=PEER_OUT_CAP)
         except Exception as exc:  # every boot failure here is non-transient: halt, report
             sys.stderr.write(f"shard {self.shard}: cannot boot: {exc}\n")
             self.status.fatal(f"shard {self.shard}: {type(exc).__name__}: {exc}")
@@ -167,13 +172,14 @@ class ShardWorker:
             peer = self.peers.get(fd)
             if peer is None:
                 continue
-            if flags & POLLOUT:
+            if flags & POLLOUT or peer.backlogged:   # backlogged: also on POLLERR/POLLHUP
                 peer.flush_out()
                 peer.sync_poller(self.poller)   # drained: stop asking for POLLOUT
-            received = time.monotonic()
-            for frame in peer.read_frames():
-                served = True
-                self.handle_frame(peer, frame, received)
+            if not peer.backlogged:     # else: not read until its replies drain
+                received = time.monotonic()
+                for frame in peer.read_frames():
+                    served = True
+                    self.handle_frame(peer, frame, received)
             if peer.closed:
                 self.drop_peer(peer)
         now = self.finish_pass()
@@ -250,29 +256,36 @@ class ShardWorker:
         if op != m.PING and msg.get("inc") != self.inc:
             self.reply(peer, m.error(rid, m.STALE_INC, "message for another shard incarnation", True))
             return
-        handler = getattr(self, f"handle_{op}", None) if op in m.OPS and op != m.MULTI else None
+        # `type(op) is str` first: a list or map `op` is unhashable, and `in m.OPS` raised
+        # outside any handler, which ended the shard.
+        handler = (getattr(self, f"handle_{op}", None)
+                   if type(op) is str and op in m.OPS and op != m.MULTI else None)
         if handler is None:
             self.reply(peer, m.error(rid, "bad_request", f"unknown op {op!r}"))
             return
         try:
             result = handler(peer, msg, received)
-        except Conflict as exc:
-            self.counts["conflict"] += 1
-            self.reply(peer, m.error(rid, "conflict", "read versions changed or key locked",
-                                     True, keys=list(exc.keys)))
-        except TooOld as exc:
-            self.reply(peer, m.error(rid, "too_old", f"snapshot older than horizon {exc.horizon}",
-                                     False, horizon=exc.horizon))
-        except BadRequest as exc:
-            self.reply(peer, m.error(rid, "bad_request", str(exc)))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            self.reply(peer, m.error(rid, "bad_request", f"malformed {op}: {exc!r}"))
-        except Exception as exc:  # a bug: answer it, never crash the shard
-            self.counts["error"] += 1
-            self.reply(peer, m.error(rid, "internal", f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:
+            self.reply(peer, self.error_reply(rid, op, exc))
         else:
             if result is not None:
                 self.reply(peer, result)
+
+    def error_reply(self, rid, op, exc: Exception) -> dict:
+        """The reply to a request whose handler raised `exc` (also a deferred read's)."""
+        if isinstance(exc, Conflict):
+            self.counts["conflict"] += 1
+            return m.error(rid, "conflict", "read versions changed or key locked",
+                           True, keys=list(exc.keys))
+        if isinstance(exc, TooOld):
+            return m.error(rid, "too_old", f"snapshot older than horizon {exc.horizon}",
+                           False, horizon=exc.horizon)
+        if isinstance(exc, BadRequest):
+            return m.error(rid, "bad_request", str(exc))
+        if isinstance(exc, (KeyError, TypeError, ValueError, AttributeError, OverflowError)):
+            return m.error(rid, "bad_request", f"malformed {op}: {exc!r}")
+        self.counts["error"] += 1     # a bug: answer it, never crash the shard
+        return m.error(rid, "internal", f"{type(exc).__name__}: {exc}")
 
     def reply(self, peer, reply: dict) -> None:
         self.out.setdefault(peer, []).append(reply)
@@ -299,19 +312,23 @@ class ShardWorker:
                     max_ts=st.get("max_ts", 0), block=st.get("block_height", 0),
                     prepared=st.get("prepared", 0))
 
-    def handle_read(self, peer, msg, received):
-        keys, at = msg["keys"], int(msg["at"])
+    def handle_read(self, peer, msg, received, retry=False):
+        keys, at = msg["keys"], m.int_field(msg, "at")
         try:
             rows = self.engine.read(keys, at)
         except Blocked:
+            if retry:
+                raise
             return self.defer(peer, msg, received)
         return m.ok(msg["rid"], values=[v for v, _ in rows], versions=[ver for _, ver in rows])
 
-    def handle_scan(self, peer, msg, received):
+    def handle_scan(self, peer, msg, received, retry=False):
         try:
             items, more = self.engine.scan(msg.get("start"), msg.get("end"),
-                                           int(msg["limit"]), int(msg["at"]))
+                                           m.int_field(msg, "limit"), m.int_field(msg, "at"))
         except Blocked:
+            if retry:
+                raise
             return self.defer(peer, msg, received)
         return m.ok(msg["rid"], items=[list(it) for it in items], more=more)
 
@@ -320,27 +337,27 @@ class ShardWorker:
         return m.ok(msg["rid"])
 
     def handle_commit(self, peer, msg, received):
-        self.engine.commit(int(msg["ts"]), msg["reads"], msg["writes"])
+        self.engine.commit(m.int_field(msg, "ts"), msg["reads"], msg["writes"])
         self.counts["committed"] += 1
         self.durable_waits.append(received)
         return m.ok(msg["rid"])
 
     def handle_prepare(self, peer, msg, received):
-        self.engine.prepare(int(msg["txn"]), int(msg["ts"]), msg["reads"], msg["writes"],
+        self.engine.prepare(m.int_field(msg, "txn"), m.int_field(msg, "ts"), msg["reads"], msg["writes"],
                             list(msg["participants"]))
         self.twopc["prepared"] += 1
         self.durable_waits.append(received)
         return m.ok(msg["rid"])
 
     def handle_commit_prepared(self, peer, msg, received):
-        self.engine.commit_prepared(int(msg["txn"]), int(msg["ts"]))
+        self.engine.commit_prepared(m.int_field(msg, "txn"), m.int_field(msg, "ts"))
         self.counts["committed"] += 1
         self.twopc["committed"] += 1
         self.unblocked = True
         return m.ok(msg["rid"])
 
     def handle_abort_prepared(self, peer, msg, received):
-        self.engine.abort_prepared(int(msg["txn"]))
+        self.engine.abort_prepared(m.int_field(msg, "txn"))
         self.twopc["aborted"] += 1
         self.unblocked = True
         return m.ok(msg["rid"])
@@ -400,9 +417,10 @@ class ShardWorker:
             txns = [p["txn"] for p in prepared]
         outcomes = {}
         for txn in txns:
-            ts = self.engine.outcome(int(txn))
+            txn = m.wire_int(txn, "txns item")
+            ts = self.engine.outcome(txn)
             if ts is not None:
-                outcomes[int(txn)] = ts
+                outcomes[txn] = ts
         return m.ok(msg["rid"], prepared=prepared, outcomes=outcomes)
 
     def handle_forget(self, peer, msg, received):
@@ -410,11 +428,11 @@ class ShardWorker:
         # outcome record can still be needed (records left by a router that died between
         # the last commit ack and its forget would otherwise stay forever).
         txns = self.engine.outcome_txns() if msg.get("all") else msg["txns"]
-        self.engine.forget([int(t) for t in txns])
+        self.engine.forget([m.wire_int(t, "txns item") for t in txns])
         return m.ok(msg["rid"])
 
     def handle_block(self, peer, msg, received):
-        height = int(msg["height"])
+        height = m.int_field(msg, "height")
         current = self.engine.stats().get("block_height", 0)
         if height != current:  # equal = a retry after a partial failure elsewhere: idempotent
             self.engine.set_block(height)
@@ -435,7 +453,7 @@ class ShardWorker:
 
     def handle_prune(self, peer, msg, received):
         keep = msg.get("keep_versions")
-        keep = self.keep_versions if keep is None else int(keep)
+        keep = self.keep_versions if keep is None else m.int_field(msg, "keep_versions")
         if keep < 1:
             raise BadRequest("keep_versions must be >= 1")
         if self.prune_job is None:
@@ -451,7 +469,7 @@ class ShardWorker:
         return None
 
     def handle_checkpoint(self, peer, msg, received):
-        result = self.engine.create_checkpoint(msg["dir"], int(msg["ts"]))
+        result = self.engine.create_checkpoint(msg["dir"], m.int_field(msg, "ts"))
         return m.ok(msg["rid"], bytes=int(result.get("bytes", 0)))
 
     def handle_stats(self, peer, msg, received):
@@ -460,7 +478,7 @@ class ShardWorker:
     # -- deferred reads
 
     def defer(self, peer, msg, received):
-        at = int(msg["at"])
+        at = m.int_field(msg, "at")
         pin = self.engine.pin(at)
         self.deferred.append(Deferred(peer, msg, received + self.read_wait,
                                       at if pin is None else pin))
@@ -483,22 +501,20 @@ class ShardWorker:
                 self.engine.unpin(d.pin)
 
     def dispatch_retry(self, d: Deferred) -> None:
+        """Run a deferred read again: its answer, or deferred once more if still blocked.
+        Errors map as in dispatch (a malformed read deferred before the engine saw its
+        bad key is still `bad_request`); a read without a rid is answered with rid None."""
+        handler = self.handle_read if d.msg.get("op") == m.READ else self.handle_scan
         try:
-            if d.msg["op"] == m.READ:
-                rows = self.engine.read(d.msg["keys"], int(d.msg["at"]))
-                self.reply(d.peer, m.ok(d.msg["rid"], values=[v for v, _ in rows],
-                                        versions=[ver for _, ver in rows]))
-            else:
-                items, more = self.engine.scan(d.msg.get("start"), d.msg.get("end"),
-                                               int(d.msg["limit"]), int(d.msg["at"]))
-                self.reply(d.peer, m.ok(d.msg["rid"], items=[list(it) for it in items], more=more))
+            # retry=True: still blocked raises Blocked instead of deferring it anew, so
+            # it keeps its deadline and pin
+            result = handler(d.peer, d.msg, 0.0, retry=True)
         except Blocked:
             self.deferred.append(d)
-        except TooOld as exc:
-            self.reply(d.peer, m.error(d.msg["rid"], "too_old", "snapshot pruned", False,
-                                       horizon=exc.horizon))
         except Exception as exc:
-            self.reply(d.peer, m.error(d.msg["rid"], "internal", f"{type(exc).__name__}: {exc}"))
+            self.reply(d.peer, self.error_reply(d.msg.get("rid"), d.msg.get("op"), exc))
+        else:
+            self.reply(d.peer, result)
 
     # -- maintenance: incremental flush and prune, one step per pass
 
@@ -611,6 +627,8 @@ class ShardWorker:
             "latency_p90_ms": quantile(lat, 0.90) * 1000,
             "latency_p99_ms": quantile(lat, 0.99) * 1000,
             "deferred_reads": len(self.deferred),
+            "peers": len(self.peers),
+            "peers_backlogged": sum(1 for p in self.peers.values() if p.backlogged),
         })
         return st
 

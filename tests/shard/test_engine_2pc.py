@@ -20,6 +20,8 @@ def test_prepared_keys_conflict_writers_and_block_later_readers(open_engine):
     assert info.value.txn_ids == [7]
     with pytest.raises(Blocked):
         e.scan(b"m", None, 10, 9)
+    with pytest.raises(Blocked):                     # an empty bound is no bound
+        e.scan(b"", b"", 10, 9)
     assert e.read([b"a", b"n", b"r"], 4) == [(b"1", 1), (None, 0), (b"1", 1)]
     assert e.read([b"r"], 9) == [(b"1", 1)]         # only read-locked: no block
     e.commit(8, [], [(b"z", b"ok")])                 # other keys commit meanwhile
