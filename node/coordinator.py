@@ -16,7 +16,6 @@ recovery rule that lets a cross-shard commit be answered at the decision.
 """
 from __future__ import annotations
 
-import collections
 import sys
 import time
 import zlib
@@ -54,7 +53,7 @@ class TwoPC:
     The requester is `owner` (a Request for `txn`, a BatchRun for `batch`) entry `index`."""
     __slots__ = ("ts", "participants", "owner", "index", "decision", "unacked",
                  "waiting", "conflict_keys", "failure", "refused", "acks_waiting", "any_ack",
-                 "abort_error", "run")
+                 "abort_error", "keys")
 
     def __init__(self, ts, participants, owner, index):
         self.ts = ts
@@ -70,24 +69,20 @@ class TwoPC:
         self.acks_waiting = 0          # abort_prepared results still to come
         self.any_ack = False           # an abort_prepared succeeded somewhere
         self.abort_error = None        # the client's error, sent at the first abort ack
-        self.run = None                # the BatchRun that holds this txn's keys locked
+        self.keys = ()                 # every key it reads or writes, locked until decided
 
 
 class BatchRun:
     """A `batch` request being dispatched entry by entry (the owner of its entries)."""
-    __slots__ = ("req", "txns", "count", "results", "next", "finished", "undecided", "locked",
-                 "routes")
+    __slots__ = ("req", "txns", "count", "results", "next", "finished", "routes")
 
-    def __init__(self, req, txns, track_keys: bool = True, routes=None):
+    def __init__(self, req, txns, routes=None):
         self.req = req
         self.txns = txns
         self.count = len(txns)
         self.results = [None] * len(txns)
         self.next = 0
         self.finished = 0
-        self.undecided = {}            # TwoPC -> keys of an entry still undecided
-        # key -> undecided entries touching it; None when no key is in two entries
-        self.locked = collections.Counter() if track_keys else None
         # per entry: its shard, or {shard: (reads, writes)} (node/routing.route_batch);
         # only for a batch in which no key is in two entries (dispatch_unshared)
         self.routes = routes
@@ -175,7 +170,60 @@ class TxnCoordinator:
             self.committed_rate.add(committed)
 
     def op_txn(self, ctx, req):
-        self.start_txn(req, ctx, 0)
+        self.begin_txn(req, ctx, 0)
+
+    # -- keys of undecided 2PC txns: a txn touching one waits for its decision
+
+    def locked_key_of(self, t: dict):
+        """A key of txn t that an undecided 2PC txn reads or writes, else None."""
+        locked = self.locked_keys
+        for k, _ in t["reads"]:
+            if k in locked:
+                return k
+        for k, _ in t["writes"]:
+            if k in locked:
+                return k
+        return None
+
+    def wait_for_key(self, key, resume) -> None:
+        """Call resume() once no undecided 2PC txn holds `key` (unlock_keys)."""
+        waiters = self.key_waiters.get(key)
+        if waiters is None:
+            self.key_waiters[key] = [resume]
+        else:
+            waiters.append(resume)
+
+    def unlock_keys(self, txn: TwoPC) -> None:
+        """A 2PC txn was decided, and its commit_prepared or abort_prepared items are
+        queued ahead of anything sent from here on: its keys are free again; the txns
+        that waited on one run now, in arrival order."""
+        locked = self.locked_keys
+        freed = []
+        for reads, writes in txn.keys.values():
+            for pairs in (reads, writes):
+                for k, _ in pairs:
+                    n = locked[k]
+                    if n > 1:
+                        locked[k] = n - 1
+                    else:
+                        del locked[k]
+                        if k in self.key_waiters:
+                            freed.append(k)
+        txn.keys = ()
+        for k in freed:
+            for resume in self.key_waiters.pop(k, ()):
+                resume()
+
+    def begin_txn(self, t: dict, owner, index: int) -> None:
+        """start_txn, once no undecided 2PC txn holds one of its keys. A txn that met such
+        a key at a shard was refused `conflict` although nothing it read had changed (a
+        blind write, or a read the undecided txn would not change): PROTOCOL.md allows
+        `conflict` only for a read version that no longer matches."""
+        if self.locked_keys:
+            key = self.locked_key_of(t)
+            if key is not None:
+                return self.wait_for_key(key, lambda: self.begin_txn(t, owner, index))
+        self.start_txn(t, owner, index)
 
     def entry_done(self, owner, index: int, result: dict) -> None:
         """A txn finished: {"ok": True, "commit_ts"} | {"ok": False, "error"}. The owner is
@@ -228,7 +276,8 @@ class TxnCoordinator:
         if not writes:
             return self.validate_only(parts, owner, index)
         if self.barriers:
-            self.held.append(lambda: self.start_txn(t, owner, index))
+            # begin_txn: by the time the barrier lets it go, other txns may hold its keys
+            self.held.append(lambda: self.begin_txn(t, owner, index))
             return None
         return self.start_2pc(parts, owner, index)
 
@@ -265,12 +314,18 @@ class TxnCoordinator:
         self.twopc["started"] += 1
         target = (KIND_PREPARE, txn)
         links = self.links
+        locked = self.locked_keys
         for s in participants:        # send_item, inlined: this runs per participant
             reads, writes = parts[s]
             link = links[s]
             group = link.group or self.open_group(link)
             group.items.append([m.ITEM_PREPARE, ts, reads, writes, participants])
             group.targets.append(target)
+            for k, _ in reads:
+                locked[k] = locked.get(k, 0) + 1
+            for k, _ in writes:
+                locked[k] = locked.get(k, 0) + 1
+        txn.keys = parts
         return txn
 
     def on_prepared(self, txn: TwoPC, e) -> None:
@@ -333,8 +388,8 @@ class TxnCoordinator:
                     "participants down", outcome="unknown")})
             else:
                 txn.abort_error = error     # answered at the first abort ack (on_abort_ack)
-        if txn.run is not None:
-            self.batch_decided(txn.run, txn)
+        if txn.keys:
+            self.unlock_keys(txn)
         if self.barriers or self.held:
             self.check_barriers()
 
@@ -375,29 +430,27 @@ class TxnCoordinator:
         if not txns:
             return self.reply(ctx, results=[])
         routes = route_batch(txns, self.nshards)      # None: some key is in two entries
-        self.pump_batch(BatchRun(ctx, txns, track_keys=routes is None, routes=routes))
+        self.pump_batch(BatchRun(ctx, txns, routes=routes))
 
     def pump_batch(self, run: BatchRun) -> None:
-        if run.locked is None:
+        """Dispatch entries in list order; one that touches a key of an undecided 2PC txn
+        (an earlier entry's, or another request's) stops the batch until that txn is
+        decided, so every entry sees the effects of the earlier ones and they get
+        increasing commit_ts."""
+        if run.routes is not None:
             return self.dispatch_unshared(run)
-        locked = run.locked
         while run.next < len(run.txns):
             t = run.txns[run.next]
-            if locked and (any(k in locked for k, _ in t["reads"])
-                           or any(k in locked for k, _ in t["writes"])):
-                return   # touches an undecided 2PC entry: resumed when that one is decided
+            if self.locked_keys:
+                key = self.locked_key_of(t)
+                if key is not None:
+                    return self.wait_for_key(key, lambda: self.pump_batch(run))
             if self.barriers and self.is_cross_shard(t):
                 self.held.append(lambda: self.pump_batch(run))
                 return
             i = run.next
             run.next += 1
-            txn = self.start_txn(t, run, i)
-            if txn is not None and txn.decision is None:
-                keys = {k for k, _ in t["reads"]}
-                keys.update(k for k, _ in t["writes"])
-                run.undecided[txn] = keys
-                locked.update(keys)
-                txn.run = run
+            self.start_txn(t, run, i)
 
     def dispatch_unshared(self, run: BatchRun) -> None:
         """Dispatch the entries of a batch in which no key is in two entries, so no entry
@@ -410,11 +463,17 @@ class TxnCoordinator:
         count = len(txns)
         links = self.links
         oracle = self.oracle
+        locked = self.locked_keys
         i = run.next
         while i < count:
             t = txns[i]
             reads = t["reads"]
             writes = t["writes"]
+            if locked:
+                key = self.locked_key_of(t)
+                if key is not None:    # another request's undecided 2PC txn holds it
+                    run.next = i
+                    return self.wait_for_key(key, lambda: self.pump_batch(run))
             if not writes or self.barriers:
                 if self.barriers and self.is_cross_shard(t):
                     run.next = i
@@ -445,14 +504,6 @@ class TxnCoordinator:
                 self.start_txn(t, run, i)   # answers unavailable
             i += 1
         run.next = i
-
-    def batch_decided(self, run: BatchRun, txn: TwoPC) -> None:
-        keys = run.undecided.pop(txn, ())
-        run.locked.subtract(keys)
-        for k in keys:
-            if run.locked[k] <= 0:
-                del run.locked[k]
-        self.pump_batch(run)
 
     def is_cross_shard(self, t) -> bool:
         n = self.nshards

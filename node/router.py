@@ -116,6 +116,8 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
         self.next_rid = 1
         self.txns = {}                 # ts -> TwoPC not yet finished
         self.undecided = 0             # 2PC txns prepared but not decided
+        self.locked_keys = {}          # key -> undecided 2PC txns reading or writing it
+        self.key_waiters = {}          # key -> resume callbacks of txns waiting on it
         self.barriers = collections.deque()   # callbacks(S) waiting for no undecided 2PC
         self.held = []                 # 2PC starts held back by a barrier
         self.recovered_commits = set() # txns committed by recovery: forget once all shards up
@@ -144,7 +146,11 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
             # read and answered `too_large`; only an absurd one is refused by ZeroMQ itself.
             self.client.setsockopt(zmq.MAXMSGSIZE, socket_frame_cap(self.max_frame))
             self.auth = secure_client_socket(self.ctx, self.client, self.config, self.listen)
-            self.client.setsockopt(zmq.SNDHWM, 100_000)
+            # No send high-water mark: a ROUTER drops a reply past it without a word, and a
+            # DEALER may pipeline any number of requests before it reads (PROTOCOL.md); at
+            # 100,000 an audit's client that sent 250,000 first got 150,000 replies. A
+            # client that never reads makes the router hold its replies instead.
+            self.client.setsockopt(zmq.SNDHWM, 0)
             self.client.setsockopt(zmq.RCVHWM, 100_000)
             self.client.bind(self.listen)
         except Exception as exc:

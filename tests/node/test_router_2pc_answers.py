@@ -25,7 +25,7 @@ def start_transfer(r: Router):
     """A cross-shard txn (one write on each shard) as entry 0 of a one-entry batch."""
     keys = [next(k for k in (b"k%d" % i for i in range(100)) if zlib.crc32(k) % 2 == s) for s in (0, 1)]
     writes = [(k, b"v") for k in keys]
-    run = BatchRun(req=object(), txns=[{"reads": [], "writes": writes}], track_keys=False)
+    run = BatchRun(req=object(), txns=[{"reads": [], "writes": writes}])
     parts = parts_by_shard([], writes, [], [zlib.crc32(k) % 2 for k in keys])
     return r.start_2pc(parts, run, 0)
 
