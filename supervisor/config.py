@@ -8,6 +8,7 @@ unknown sections and keys are errors too, so a typo is never silently ignored.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import tomllib
@@ -95,7 +96,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "memory": {
         "max_resident_versions": Key(int, 2000000, at_least(1)),
-        "max_cached_keys": Key(int, 200000, at_least(0)),
+        "max_cached_keys": Key(int, 200000, at_least(1)),      # the engine refuses 0
     },
     "batch_writer": {
         "min_chunk": Key(int, 1000, at_least(1)),
@@ -192,6 +193,8 @@ def validate(config: dict, base_dir: str | os.PathLike | None = None) -> None:
             where = f"{section}.{name}"
             if not type_ok(value, key.type):
                 raise ConfigError(f"{where}: must be {type_name(key.type)}, got {value!r}")
+            if not finite(value):
+                raise ConfigError(f"{where}: must be a finite number, got {value!r}")
             problem = key.check(value) if key.check else None
             if problem:
                 raise ConfigError(f"{where}: {problem}")
@@ -214,6 +217,12 @@ def type_ok(value, expected) -> bool:
     if isinstance(value, bool):   # bool is an int subclass; only a bool key takes it
         return expected is bool
     return isinstance(value, expected)
+
+
+def finite(value) -> bool:
+    """TOML allows inf and nan. inf passes every range check here, and as an interval,
+    timeout or target it means "never", which no key can usefully mean."""
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def type_name(expected) -> str:

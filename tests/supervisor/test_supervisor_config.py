@@ -5,7 +5,7 @@ import tomllib
 
 import pytest
 
-from supervisor.config import (DEFAULT_CONFIG_PATH, SCHEMA, ConfigError, defaults,
+from supervisor.config import (DEFAULT_CONFIG_PATH, NUMBER, SCHEMA, ConfigError, defaults,
                                load_config)
 from supervisor_harness import ROOT
 
@@ -45,6 +45,9 @@ def test_missing_keys_take_defaults_and_overrides_win(tmp_path):
     ("[durability]\nmode = \"async\"\n", "durability.mode: must be one of wal, fsync, got 'async'"),
     ("[flush]\nflush_on_start = 1\n", "flush.flush_on_start: must be true or false, got 1"),
     ("[flush]\ninterval_secs = 0\n", "flush.interval_secs: must be > 0, got 0"),
+    ("[flush]\ninterval_secs = nan\n", "flush.interval_secs: must be a finite number, got nan"),
+    # passed the loader, then every shard refused it at boot (the engine needs >= 1)
+    ("[memory]\nmax_cached_keys = 0\n", "memory.max_cached_keys: must be >= 1, got 0"),
     ("[router]\nrequest_timeout_secs = \"5\"\n", "router.request_timeout_secs: must be a number"),
     ("[rocksdb]\ncompression = \"gzip\"\n", "rocksdb.compression: must be one of"),
     ("[limits]\nmax_key_bytes = -1\n", "limits.max_key_bytes: must be between 1 and 1073741824, got -1"),
@@ -66,6 +69,21 @@ def test_bad_values_are_refused_naming_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text), base_dir=tmp_path)
     assert message in str(err.value)
+
+
+NUMBER_KEYS = [f"{section}.{name}" for section, keys in SCHEMA.items()
+               for name, key in keys.items() if key.type == NUMBER]
+
+
+@pytest.mark.parametrize("dotted", NUMBER_KEYS)
+@pytest.mark.parametrize("value", ["inf", "+inf"])
+def test_every_number_key_refuses_infinity(tmp_path, dotted, value):
+    """TOML's inf passed every range check: ping_interval_secs = inf left the router
+    never ready, target_rsd = inf killed the shards, backoffs of inf never restarted."""
+    section, name = dotted.split(".")
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, f"[{section}]\n{name} = {value}\n"), base_dir=tmp_path)
+    assert f"{dotted}: must be a finite number, got inf" in str(err.value)
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
