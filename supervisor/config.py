@@ -109,11 +109,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "rocksdb": {
         "write_buffer_bytes": Key(int, 67108864, at_least(65536)),
-        "max_write_buffers": Key(int, 4, at_least(2)),
+        "max_write_buffers": Key(int, 4, between(2, 64)),
         "block_cache_bytes": Key(int, 134217728, at_least(0)),
         "bloom_bits_per_key": Key(int, 10, between(0, 64)),
         "compression": Key(str, "lz4", one_of("none", "snappy", "lz4", "zstd")),
-        "max_background_jobs": Key(int, 2, at_least(1)),
+        # RocksDB takes both as a C int and bounds neither; past it rocksdict failed with
+        # a message naming no key. 64 jobs is MyRocks' documented maximum of
+        # rocksdb_max_background_jobs; 64 write buffers are 4 GiB of memtables a shard
+        # at the default write_buffer_bytes.
+        "max_background_jobs": Key(int, 2, between(1, 64)),
     },
     "router": {
         "request_timeout_secs": Key(NUMBER, 5.0, positive),
@@ -232,7 +236,7 @@ def type_name(expected) -> str:
 
 
 def check_cross_keys(config: dict) -> None:
-    bw, sup = config["batch_writer"], config["supervisor"]
+    bw, sup, router = config["batch_writer"], config["supervisor"], config["router"]
     if bw["max_chunk"] < bw["min_chunk"]:
         raise ConfigError(f"batch_writer.max_chunk: must be >= batch_writer.min_chunk "
                           f"({bw['min_chunk']}), got {bw['max_chunk']}")
@@ -243,6 +247,11 @@ def check_cross_keys(config: dict) -> None:
         raise ConfigError(f"supervisor.heartbeat_timeout_secs: must be > "
                           f"supervisor.stats_interval_secs ({sup['stats_interval_secs']}), "
                           f"got {sup['heartbeat_timeout_secs']}")
+    # The router checks a shard's last pong at each ping tick: with a timeout no longer
+    # than the interval, a healthy shard is declared down at every tick.
+    if router["shard_timeout_secs"] <= router["ping_interval_secs"]:
+        raise ConfigError(f"router.shard_timeout_secs: must be > router.ping_interval_secs "
+                          f"({router['ping_interval_secs']}), got {router['shard_timeout_secs']}")
     limits = config["limits"]
     if limits["max_frame_bytes"] < limits["max_key_bytes"] + limits["max_value_bytes"]:
         raise ConfigError("limits.max_frame_bytes: must be >= max_key_bytes + max_value_bytes "

@@ -54,11 +54,19 @@ def test_missing_keys_take_defaults_and_overrides_win(tmp_path):
     # "unlimited" written as a huge number: every txn failed `internal` (C ssize_t overflow)
     ("[limits]\nmax_txn_bytes = 9223372036854775808\n",
      "limits.max_txn_bytes: must be between 1 and 1073741824, got 9223372036854775808"),
+    # beyond a C int rocksdict failed inside every shard, naming no key
+    ("[rocksdb]\nmax_background_jobs = 2147483648\n",
+     "rocksdb.max_background_jobs: must be between 1 and 64, got 2147483648"),
+    ("[rocksdb]\nmax_write_buffers = 65\n", "rocksdb.max_write_buffers: must be between 2 and 64, got 65"),
     ("[node]\nmetrics_port = 70000\n", "node.metrics_port: must be between 0 and 65535"),
     ("[node]\nbusy_poll_us = -1\n", "node.busy_poll_us: must be between 0 and 100000, got -1"),
     ("[node]\nbusy_poll_us = 0.5\n", "node.busy_poll_us: must be an integer, got 0.5"),
     ("[batch_writer]\nmin_chunk = 10\nmax_chunk = 5\n", "batch_writer.max_chunk: must be >= batch_writer.min_chunk"),
     ("[supervisor]\nheartbeat_timeout_secs = 0.1\n", "supervisor.heartbeat_timeout_secs: must be > supervisor.stats_interval_secs"),
+    # the router then declared every healthy shard down at each ping tick
+    ("[router]\nping_interval_secs = 1.0\nshard_timeout_secs = 0.5\n",
+     "router.shard_timeout_secs: must be > router.ping_interval_secs (1.0), got 0.5"),
+    ("[router]\nping_interval_secs = 2\n", "router.shard_timeout_secs: must be > router.ping_interval_secs"),
     ("[node]\nlisten = \"127.0.0.1:7450\"\n", "node.listen: must be tcp://HOST:PORT or ipc://PATH"),
     ("[node]\nlisten = \"tcp://127.0.0.1:0\"\n", "node.listen: port must be between 1 and 65535"),
     ("[node]\nlisten = \"tcp://127.0.0.1:99999\"\n", "node.listen: port must be between 1 and 65535"),
