@@ -117,6 +117,9 @@ class ShardWorker:
         try:
             self.engine = ShardEngine.open(self.path, self.shard, self.shards,
                                            EngineConfig.from_dict(self.config))
+            # Built now, not at the first flush: a bad [batch_writer] or SHARDKV_ADAPT_*
+            # value is then a boot error reported to the supervisor, not a traceback later.
+            self.engine.writer
             self.listener = FrameListener(self.endpoint, out_cap=PEER_OUT_CAP)
         except Exception as exc:  # every boot failure here is non-transient: halt, report
             sys.stderr.write(f"shard {self.shard}: cannot boot: {exc}\n")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from node.protocol import MAX_LIMIT
 from node.security import is_loopback
+from shard.batch_writer import AdaptiveConfig
 from shard.busypoll import DEFAULT_WINDOW_US
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -204,6 +205,7 @@ def validate(config: dict, base_dir: str | os.PathLike | None = None) -> None:
                 raise ConfigError(f"{where}: {problem}")
     check_cross_keys(config)
     resolve_paths(config, Path(base_dir) if base_dir is not None else Path.cwd())
+    check_batch_writer(config, os.environ)
     check_endpoint(config["node"]["listen"], "node.listen")
     check_security(config)
 
@@ -256,6 +258,17 @@ def check_cross_keys(config: dict) -> None:
     if limits["max_frame_bytes"] < limits["max_key_bytes"] + limits["max_value_bytes"]:
         raise ConfigError("limits.max_frame_bytes: must be >= max_key_bytes + max_value_bytes "
                           "(a frame must be able to carry one maximal write)")
+
+
+def check_batch_writer(config: dict, environ) -> None:
+    """Build the batch writer's settings as every shard does, from [batch_writer] and the
+    SHARDKV_ADAPT_* variables the shards inherit: a bad override stops the start here,
+    naming the variable, instead of killing the shards (or, without flush_on_start,
+    crash-looping them at their first flush)."""
+    try:
+        AdaptiveConfig.from_dict(config["batch_writer"], environ)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 TCP_ENDPOINT = re.compile(r"^tcp://(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]/]+):(?P<port>\d+)$")

@@ -94,6 +94,29 @@ def test_every_number_key_refuses_infinity(tmp_path, dotted, value):
     assert f"{dotted}: must be a finite number, got inf" in str(err.value)
 
 
+@pytest.mark.parametrize("variable, value, message", [
+    ("SHARDKV_ADAPT_WINDOW", "1", "SHARDKV_ADAPT_WINDOW=1: must be >= 2"),
+    ("SHARDKV_ADAPT_MAX_CHUNK", "abc", "SHARDKV_ADAPT_MAX_CHUNK='abc': expected an integer"),
+    ("SHARDKV_ADAPT_TARGET_RSD", "inf", "SHARDKV_ADAPT_TARGET_RSD=inf: must be a finite number"),
+    ("SHARDKV_ADAPT_DOWN_PCT", "100", "SHARDKV_ADAPT_DOWN_PCT=1.0: must be in [0, 1)"),
+    ("SHARDKV_ADAPT_MIN_CHUNK", "", "SHARDKV_ADAPT_MIN_CHUNK='': empty value"),
+])
+def test_a_bad_batch_writer_env_override_is_a_config_error_naming_it(tmp_path, monkeypatch,
+                                                                      variable, value, message):
+    """Checked only when a shard first built its writer: the shards died with a traceback,
+    or, without flush_on_start, the node announced ready and then crash-looped."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, base_dir=tmp_path)
+    assert message in str(err.value)
+
+
+def test_a_good_batch_writer_env_override_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDKV_ADAPT_WINDOW", "8")
+    monkeypatch.setenv("SHARDKV_ADAPT_TARGET_RSD", "5%")
+    load_config(None, base_dir=tmp_path)
+
+
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
