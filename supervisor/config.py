@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from node.protocol import MAX_LIMIT
-from node.security import is_loopback
+from node.security import curve_configured, is_loopback, load_curve_keys
 from shard.batch_writer import AdaptiveConfig
 from shard.busypoll import DEFAULT_WINDOW_US
 
@@ -289,18 +289,17 @@ def check_endpoint(endpoint: str, where: str) -> None:
 
 
 def check_security(config: dict) -> None:
-    """A non-loopback listen address needs CURVE keys (server secret + allowed clients)."""
-    listen = config["node"]["listen"]
-    if is_loopback(listen):
+    """Keys that are set must be usable, on any listen address (the router enforces them
+    on loopback too); a non-loopback listen address needs them."""
+    if curve_configured(config):
+        try:
+            load_curve_keys(config["security"])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return
-    sec = config["security"]
-    secret, clients = sec["curve_server_secret_file"], sec["curve_allowed_clients_dir"]
-    if not secret or not clients:
+    listen = config["node"]["listen"]
+    if not is_loopback(listen):
         raise ConfigError(
             f"node.listen: {listen} is not a loopback address; binding it requires "
             f"security.curve_server_secret_file and security.curve_allowed_clients_dir "
             f"(ZeroMQ CURVE), or listen on tcp://127.0.0.1:PORT")
-    if not os.path.isfile(secret):
-        raise ConfigError(f"security.curve_server_secret_file: {secret} is not a file")
-    if not os.path.isdir(clients):
-        raise ConfigError(f"security.curve_allowed_clients_dir: {clients} is not a directory")

@@ -29,6 +29,19 @@ def test_non_loopback_listen_without_keys_is_refused_before_binding():
         sock.close(0)
 
 
+def test_an_allowed_clients_dir_without_a_server_key_is_refused_not_ignored(tmp_path):
+    """It used to leave the socket open to every client (only the secret file counted)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    zmq.auth.create_certificates(str(tmp_path), "client")
+    try:
+        with pytest.raises(ValueError, match="curve_server_secret_file: must be set"):
+            secure_client_socket(ctx, sock, {"security": {"curve_allowed_clients_dir": str(tmp_path)}},
+                                 "tcp://127.0.0.1:7450")
+    finally:
+        sock.close(0)
+
+
 @pytest.fixture
 def curve_keys(tmp_path):
     server_pub, server_secret = zmq.auth.create_certificates(str(tmp_path), "server")

@@ -4,6 +4,7 @@ import subprocess
 import tomllib
 
 import pytest
+import zmq.auth
 
 from supervisor.config import (DEFAULT_CONFIG_PATH, NUMBER, SCHEMA, ConfigError, defaults,
                                load_config)
@@ -122,21 +123,60 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
-def test_non_loopback_listen_needs_curve_keys(tmp_path):
+@pytest.fixture
+def curve_files(tmp_path):
+    """A server certificate pair and a dir holding one client's public key."""
+    server_public, server_secret = zmq.auth.create_certificates(str(tmp_path), "server")
+    clients = tmp_path / "clients"
+    clients.mkdir()
+    zmq.auth.create_certificates(str(clients), "client")
+    return {"public": server_public, "secret": server_secret, "clients": str(clients)}
+
+
+def security(secret="", clients=""):
+    return {"security.curve_server_secret_file": secret, "security.curve_allowed_clients_dir": clients}
+
+
+def test_non_loopback_listen_needs_curve_keys(tmp_path, curve_files):
     with pytest.raises(ConfigError, match="node.listen: tcp://0.0.0.0:7450 is not a loopback address"):
         load_config(None, {"node.listen": "tcp://0.0.0.0:7450"}, base_dir=tmp_path)
-    secret, clients = tmp_path / "server.key_secret", tmp_path / "clients"
-    keys = {"node.listen": "tcp://0.0.0.0:7450",
-            "security.curve_server_secret_file": "server.key_secret",
-            "security.curve_allowed_clients_dir": "clients"}
-    with pytest.raises(ConfigError, match="security.curve_server_secret_file: .* is not a file"):
-        load_config(None, keys, base_dir=tmp_path)
-    secret.write_text("secret")
-    with pytest.raises(ConfigError, match="security.curve_allowed_clients_dir: .* is not a directory"):
-        load_config(None, keys, base_dir=tmp_path)
-    clients.mkdir()
+    keys = {"node.listen": "tcp://0.0.0.0:7450", **security("server.key_secret", "clients")}
     config = load_config(None, keys, base_dir=tmp_path)
-    assert config["security"]["curve_server_secret_file"] == str(secret)   # made absolute
+    assert config["security"]["curve_server_secret_file"] == curve_files["secret"]   # made absolute
+
+
+@pytest.mark.parametrize("listen", ["tcp://127.0.0.1:7450", "tcp://0.0.0.0:7450"])
+def test_curve_keys_are_checked_at_load_on_any_listen(tmp_path, curve_files, listen):
+    """On loopback the keys were checked only by the router, once every process ran."""
+    def refused(keys, message):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, {"node.listen": listen, **keys}, base_dir=tmp_path)
+        assert message in str(err.value)
+
+    refused(security("missing", "clients"), "security.curve_server_secret_file: ")
+    (tmp_path / "garbage").write_text("garbage\n")
+    refused(security("garbage", "clients"), "garbage is not a ZeroMQ certificate")
+    refused(security(curve_files["public"], "clients"), "server.key holds no secret key")
+    (tmp_path / "forged").write_text('public-key = "abc"\nsecret-key = "def"\n')
+    refused(security("forged", "clients"), "its secret key is not a CURVE key")
+    refused(security("server.key_secret", "missing"), "security.curve_allowed_clients_dir: ")
+    (tmp_path / "empty").mkdir()
+    refused(security("server.key_secret", "empty"), "empty holds no client public key")
+    load_config(None, {"node.listen": listen, **security("server.key_secret", "clients")},
+                base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("keys, message", [
+    # the allowed-clients dir alone was silently ignored: any client got in
+    (security(clients="clients"), "security.curve_server_secret_file: must be set when "
+                                  "curve_allowed_clients_dir is"),
+    (security(secret="server.key_secret"), "security.curve_allowed_clients_dir: must be set when "
+                                           "curve_server_secret_file is"),
+])
+def test_a_half_set_security_section_is_a_config_error(tmp_path, curve_files, keys, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, keys, base_dir=tmp_path)
+    assert message in str(err.value)
 
 
 def test_scripts_node_reports_a_bad_flag_value_and_exits_2(tmp_path):
