@@ -118,7 +118,7 @@ def read_node_file(data_dir: str) -> dict | None:
 
 
 def check_shard_count(data_dir: str, shards: int) -> None:
-    """Record the shard count on first use; refuse a different one afterwards."""
+    """Refuse a shard count other than the one recorded (record_shard_count)."""
     node = read_node_file(data_dir)
     if node is not None:
         if node["shards"] != shards:
@@ -132,8 +132,15 @@ def check_shard_count(data_dir: str, shards: int) -> None:
         raise DataDirError(f"data dir {data_dir} holds shard directories "
                            f"{', '.join(f'shard-{i}' for i in existing)} but no {NODE_FILE}; "
                            f"refusing to guess its shard count")
-    write_json_atomic(os.path.join(data_dir, NODE_FILE),
-                      {"shards": shards, "created_at": time.time()})
+
+
+def record_shard_count(data_dir: str, shards: int) -> None:
+    """Fix the shard count of a data dir on its first start. Called only once nothing
+    before the children can fail: a start refused for, say, a taken port must not tie
+    the data dir to a --shards it never ran with."""
+    if read_node_file(data_dir) is None:
+        write_json_atomic(os.path.join(data_dir, NODE_FILE),
+                          {"shards": shards, "created_at": time.time()})
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -76,7 +76,8 @@ class Supervisor:
         return self.exit_code
 
     def prepare(self) -> None:
-        """Own the data dir and set up the run dir, status socket and signals."""
+        """Own the data dir and set up the run dir, status socket and signals; the data
+        dir's shard count is recorded last, once none of this failed."""
         log.info("starting shardkv: %d shards, data dir %s", self.shard_count, self.data_dir)
         datadir.ensure_data_dir(self.data_dir)
         self.lock = datadir.DataDirLock(self.data_dir).acquire("starting another node")
@@ -97,6 +98,7 @@ class Supervisor:
         self.poller = zmq.Poller()
         self.poller.register(self.pull, zmq.POLLIN)
         self.poller.register(self.wakeup_r, zmq.POLLIN)
+        datadir.record_shard_count(self.data_dir, self.shard_count)
 
     def install_signals(self) -> None:
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -142,6 +142,14 @@ def test_metrics_port_in_use_is_a_clear_boot_failure(tmp_path, nodes):
         assert node.wait_exit() == 1
     assert "(node.metrics_port): Address already in use" in node.log()
     assert events(tmp_path) == []
+    # Nothing ran, so the data dir is not tied to --shards 2 (NODE.json was written
+    # before the port was bound, and this start was refused).
+    again = start(tmp_path, shards=3)
+    nodes.append(again)
+    again.wait_ready()
+    again.signal(signal.SIGTERM)
+    assert again.wait_exit() == 0
+    assert json.loads((tmp_path / "data" / "NODE.json").read_text())["shards"] == 3
 
 
 def test_restart_backoff_grows(tmp_path, nodes):
