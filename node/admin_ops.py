@@ -61,8 +61,7 @@ class AdminOps:
 
     def checkpoint_create(self, ctx, name):
         if name is None:
-            now = time.time()
-            name = time.strftime("ckpt-%Y%m%d-%H%M%S", time.gmtime(now)) + f"-{int(now * 1000) % 1000:03d}"
+            name = self.default_checkpoint_name()
         path = os.path.join(self.checkpoints_dir(), name)
         if os.path.exists(path):
             return self.fail(ctx, err("bad_request", f"checkpoint {name!r} already exists"))
@@ -98,6 +97,21 @@ class AdminOps:
             self.scatter({s: {"op": m.CHECKPOINT, "dir": os.path.join(path, f"shard-{s}"), "ts": S}
                           for s in range(self.nshards)}, done)
         self.barrier(at_cut)
+
+    def default_checkpoint_name(self) -> str:
+        """ckpt-YYYYmmdd-HHMMSS-mmm, then -2, -3 ... while that is taken: two unnamed
+        creates in one millisecond both succeed (the second was refused as existing)."""
+        now = time.time()
+        stamp = time.strftime("ckpt-%Y%m%d-%H%M%S", time.gmtime(now)) + f"-{int(now * 1000) % 1000:03d}"
+        name, n = stamp, 1
+        while self.checkpoint_taken(name):
+            n += 1
+            name = f"{stamp}-{n}"
+        return name
+
+    def checkpoint_taken(self, name: str) -> bool:
+        """On disk (also as an incomplete or foreign directory), or being created now."""
+        return name in self.creating_checkpoints or os.path.exists(os.path.join(self.checkpoints_dir(), name))
 
     def checkpoint_list(self) -> list:
         out = []

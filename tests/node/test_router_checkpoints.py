@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from node import admin_ops
 from node.router import Router
 from shard import messages as m
 
@@ -50,3 +51,21 @@ def test_a_create_whose_manifest_cannot_be_written_answers_internal(router, tmp_
     ctx, code, error = router.answers[-1]
     assert (ctx, code) == ("create", "internal") and "manifest" in error["message"]
     assert router.checkpoint_list() == [] and not router.creating_checkpoints
+
+
+def test_unnamed_creates_in_one_millisecond_get_distinct_names(router, monkeypatch):
+    """The default name is the time to the millisecond: a second unnamed create within it
+    was answered bad_request "already exists". Pipelined here: the second comes while the
+    first is being created, the third once both are on disk."""
+    monkeypatch.setattr(admin_ops.time, "time", lambda: 1795685717.478)   # one millisecond
+    router.op_checkpoint("first", {"action": "create"})
+    router.op_checkpoint("second", {"action": "create"})
+    assert router.answers == []                                   # both waiting for the shards
+    answer_checkpoints(router)
+    answer_checkpoints(router)
+    router.op_checkpoint("third", {"action": "create"})
+    answer_checkpoints(router)
+    stamp = "ckpt-20261126-093517-478"
+    assert sorted((ctx, code, fields.get("name")) for ctx, code, fields in router.answers) == [
+        ("first", "ok", stamp), ("second", "ok", f"{stamp}-2"), ("third", "ok", f"{stamp}-3")]
+    assert sorted(c["name"] for c in router.checkpoint_list()) == [stamp, f"{stamp}-2", f"{stamp}-3"]
