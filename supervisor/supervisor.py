@@ -324,8 +324,7 @@ class Supervisor:
             return
         for child in self.children:
             if child.respawn_at is not None and now >= child.respawn_at:
-                child.restarts += 1
-                self.spawn(child)
+                self.respawn(child, now)
             elif child.alive and not child.ready:
                 if now - child.started_at > self.sup["boot_timeout_secs"]:
                     self.boot_expired(child)
@@ -335,6 +334,19 @@ class Supervisor:
                             child.name, child.pid, now - child.last_seen)
                 child.kill_reason = "it was hung"
                 child.send(signal.SIGKILL)   # the reaper restarts it
+
+    def respawn(self, child: Child, now: float) -> None:
+        """A respawn that fails (out of fds or memory, EMFILE/ENOMEM) is a failed restart,
+        tried again after the backoff: unlike a child that cannot boot, it says nothing
+        about the node, and ending the node for it would take every other child down."""
+        child.restarts += 1
+        try:
+            self.spawn(child)
+        except OSError as exc:
+            child.restarts -= 1
+            child.started_at = now    # a start that lasted no time: the backoff grows
+            delay = child.schedule_respawn(now)
+            log.error("cannot restart %s: %s; trying again in %.1fs", child.name, exc, delay)
 
     def boot_expired(self, child: Child) -> None:
         secs = self.sup["boot_timeout_secs"]

@@ -1,6 +1,7 @@
 """The aggregated metrics: every PROTOCOL.md series, counter carry-over across shard
 restarts, scrapes that survive dead pids and bad snapshots, /healthz, a real HTTP scrape."""
 import os
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -10,6 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.observability.prom import wait_for
 from tests.observability.snapshots import BOUNDS, full_state, router_snapshot, sample, scrape, shard_snapshot
 from supervisor.http import start_metrics_server
 from supervisor.metrics import MetricsState, make_registry
@@ -229,6 +231,66 @@ def test_shutdown_releases_the_port():
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
     again = start_metrics_server("127.0.0.1", port, state)   # rebinding works
     again.shutdown()
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes; raises socket.timeout if it does not."""
+    sock.settimeout(timeout)
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_a_stalled_client_is_closed_after_the_request_timeout():
+    """An idle or half-sent connection held a thread and an fd of the supervisor forever;
+    enough of them used up its fds, and the next child respawn failed (an audit)."""
+    server = start_metrics_server("127.0.0.1", 0, full_state(), request_timeout=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as idle, \
+                socket.create_connection(("127.0.0.1", server.port)) as half:
+            half.sendall(b"GET /metr")
+            assert read_until_closed(idle, timeout=10) == b""
+            assert read_until_closed(half, timeout=10) == b""
+        assert get(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
+    finally:
+        server.shutdown()
+
+
+def test_a_request_line_without_a_version_is_answered_at_once(served):
+    _, base = served     # the default timeout (10 s) is longer than the client waits
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET /metrics\r\n")     # HTTP/0.9: no headers follow
+        assert read_until_closed(sock, timeout=5).startswith(b"HTTP/1.0 400 ")
+
+
+def test_connections_beyond_the_cap_are_closed_and_the_others_served():
+    server = start_metrics_server("127.0.0.1", 0, full_state(), request_timeout=30,
+                                  max_connections=2)
+    address = ("127.0.0.1", server.port)
+    try:
+        first, second = socket.create_connection(address), socket.create_connection(address)
+        with socket.create_connection(address) as third:   # accepted after the first two
+            third.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            assert read_until_closed(third, timeout=10) == b""
+        first.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert read_until_closed(first, timeout=10).startswith(b"HTTP/1.0 200 ")
+        first.close()
+
+        def served_again():   # the first one's slot is free once its thread ends
+            with socket.create_connection(address) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                return read_until_closed(sock, timeout=10).startswith(b"HTTP/1.0 200 ")
+        wait_for(served_again, 10, "a new connection to be served")
+        second.close()
+    finally:
+        server.shutdown()
 
 
 def test_without_inc_a_counter_going_down_marks_a_restart():

@@ -6,6 +6,7 @@ import signal
 import socket
 import stat
 
+import psutil
 import pytest
 
 from supervisor_harness import (NodeProcess, alive, fake_env, free_port, http_get, metric,
@@ -217,6 +218,26 @@ def test_a_shard_killed_while_the_node_stops_makes_the_exit_status_1(tmp_path, n
     node.wait_log(f"stopping shard 0 (pid {shard0})")
     os.kill(shard0, signal.SIGKILL)
     assert node.wait_exit(timeout=20) == 1
+
+
+def test_a_respawn_that_cannot_open_files_is_retried_with_backoff(tmp_path, nodes):
+    """Out of fds (an audit used them up with idle HTTP clients), the respawn of a killed
+    shard failed with EMFILE and the supervisor took it for a failed boot: it exited and
+    the whole node went down. It is a failed restart, tried again after the backoff."""
+    node = start(tmp_path, config=fast_config(tmp_path))
+    nodes.append(node)
+    node.wait_ready()
+    supervisor = psutil.Process(node.pid)
+    limits = supervisor.rlimit(psutil.RLIMIT_NOFILE)
+    supervisor.rlimit(psutil.RLIMIT_NOFILE, (3, limits[1]))     # no new fd at all
+    os.kill(node.child_pid('"shard": 1'), signal.SIGKILL)
+    log = node.wait_log("cannot restart shard 1: [Errno 24] Too many open files", count=2)
+    assert "trying again in 0.2s" in log and "trying again in 0.4s" in log
+    supervisor.rlimit(psutil.RLIMIT_NOFILE, limits)
+    node.wait_log("shard 1 ready", count=2)
+    assert request(node.listen, {"op": "ping"})["ok"]
+    node.signal(signal.SIGTERM)
+    assert node.wait_exit() == 0
 
 
 def test_a_stop_while_a_shard_waits_to_be_restarted_makes_the_exit_status_1(tmp_path, nodes):
