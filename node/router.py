@@ -530,6 +530,7 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
                 "requests": {op: h.snapshot() for op, h in self.req_hist.items()},
                 "results": [[op, res, n] for (op, res), n in self.results.items()],
                 "twopc": dict(self.twopc), "inflight": self.inflight,
+                "txn": dict(self.txn_outcomes),
                 "shards_up": {str(l.index): l.state == "up" for l in self.links}}
 
 

@@ -97,6 +97,7 @@ def counters_of(role: str, snapshot: dict) -> dict:
         _flatten_histogram(out, "commit_latency", "", snapshot.get("commit_latency"))
     elif role == "router":
         group("twopc")
+        group("txn")       # per transaction, as clients see them (the shards count steps)
         requests = snapshot.get("requests")
         if isinstance(requests, dict):
             for op, hist in requests.items():
@@ -432,7 +433,9 @@ class ShardKVCollector(Collector):
             yield c
 
         for group, known, name, doc in (
-                ("txn", TXN_RESULTS, "shardkv_txn", "Transactions handled by the shard, by result."),
+                ("txn", TXN_RESULTS, "shardkv_txn",
+                 "Transaction steps in the shard, by result: a cross-shard txn counts in every participant, "
+                 "a read-only validation only when it fails (as conflict). Transactions: shardkv_node_txn_total."),
                 ("twopc", TWOPC_RESULTS, "shardkv_twopc", "2PC participant steps in the shard, by result.")):
             c = CounterMetricFamily(name, doc, labels=["shard", "result"])
             for i, s in shards.items():
@@ -499,6 +502,16 @@ class ShardKVCollector(Collector):
                                 labels=["result"])
         for key in sorted(k for k in totals if k[0] == "c" and k[1] == "twopc"):
             c.add_metric([key[2]], totals[key])
+        yield c
+
+        c = CounterMetricFamily("shardkv_node_txn",
+                                "Transactions of the node by result, each once as its client saw it "
+                                "(txn requests and batch entries, read-only ones too).", labels=["result"])
+        results = {k[2] for k in totals if k[0] == "c" and k[1] == "txn"}
+        if snap:
+            results |= set(TXN_RESULTS)   # zeros keep rate() queries well defined
+        for r in sorted(results):
+            c.add_metric([r], totals.get(("c", "txn", r), 0.0))
         yield c
 
         g = GaugeMetricFamily("shardkv_router_shard_reachable",

@@ -40,6 +40,7 @@ def router_snapshot(inc="r-1", gets=4):
         "requests": {"get": hist, "txn": dict(hist)},
         "results": [["get", "ok", gets], ["txn", "ok", 3], ["txn", "conflict", 1]],
         "twopc": {"committed": 4, "aborted": 1},
+        "txn": {"committed": 7, "conflict": 2},
         "shards_up": {0: True, 1: True},
     }
 

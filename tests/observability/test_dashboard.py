@@ -56,3 +56,15 @@ def test_provisioning_points_at_the_dashboard_datasource():
     assert "type: file" in (GRAFANA / "provisioning" / "dashboards" / "shardkv.yml").read_text()
     uids = {t["datasource"]["uid"] for p in dashboard()["panels"] for t in p.get("targets", [])}
     assert uids == {"shardkv-prometheus"}
+
+
+def test_tps_and_success_rate_count_transactions_not_shard_steps():
+    """They summed the shards' shardkv_txn_total: a cross-shard txn counted once per
+    participant, a read-only txn that validated nowhere, one that failed as a conflict
+    (an audit). They read the router's per-transaction counter now."""
+    panels = {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dashboard()["panels"]}
+    for title in ("TPS (committed)", "Success rate"):
+        (expr,) = panels[title]
+        assert "shardkv_node_txn_total" in expr and "shardkv_txn_total" not in expr, (title, expr)
+    rates = " ".join(panels["Transaction rates"])
+    assert "shardkv_node_txn_total" in rates and "shardkv_txn_total" not in rates

@@ -115,6 +115,32 @@ def test_router_counters_carry_over_a_router_restart():
     assert sample(f, name, name + "_count", op="get") == 5
 
 
+def test_node_txn_total_counts_the_routers_outcomes_and_carries_over_a_router_restart():
+    """The dashboard's TPS and success rate summed the shards' shardkv_txn_total, which
+    counts a cross-shard txn once per participant and a read-only one only when it fails
+    (an audit): the router's per-transaction outcomes are exported as a node counter."""
+    state = full_state(shards=2)        # router r-1: committed 7, conflict 2
+    f = scrape(state)
+    assert f["shardkv_node_txn"].type == "counter"
+    assert {s.labels["result"]: s.value for s in f["shardkv_node_txn"].samples
+            if s.name == "shardkv_node_txn_total"} == {"committed": 7, "conflict": 2, "error": 0}
+    state.update("router", None, dict(router_snapshot(inc="r-2"), txn={"committed": 3, "error": 1}))
+    f = scrape(state)
+    for result, n in (("committed", 10), ("conflict", 2), ("error", 1)):
+        assert sample(f, "shardkv_node_txn", "shardkv_node_txn_total", result=result) == n
+
+
+def test_the_router_snapshot_carries_its_transaction_outcomes(tmp_path):
+    from node.router import Router
+    spec = {"config": {}, "shards": 1, "data_dir": str(tmp_path), "run_dir": str(tmp_path)}
+    router = Router(spec)
+    conflict = {"ok": False, "error": {"code": "conflict"}}
+    router.count_txn({"ok": True, "commit_ts": 5})
+    router.count_txns([{"ok": True, "commit_ts": 6}, conflict, {"ok": False, "error": {"code": "unavailable"}}])
+    router.count_txn(conflict)
+    assert router.snapshot()["txn"] == {"committed": 2, "conflict": 2, "error": 1}
+
+
 def test_a_dead_pid_and_a_down_shard_do_not_break_the_scrape():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
