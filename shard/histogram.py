@@ -138,12 +138,17 @@ class RateWindow:
 
     def rate(self, now: float | None = None) -> float:
         now = self._clock() if now is None else now
-        self._expire(now)
-        # Until a full window has passed, divide by the time actually observed.
-        span = min(self.window, max(now - self._started, self.resolution))
-        return sum(c for _, c in self._buckets) / span
+        oldest = self._expire(now)
+        # Divide by the time the kept slots cover: from the first slot _expire keeps (or
+        # the start, until a full window has passed) to now, between window - resolution
+        # and window seconds. Dividing by the window read up to a slot's worth low.
+        since = max(self._started, (oldest + 1) * self.resolution)
+        return sum(c for _, c in self._buckets) / max(now - since, self.resolution)
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float) -> int:
+        """Drop every slot that starts a window or more before now; returns the index of
+        the last such slot."""
         oldest = int((now - self.window) // self.resolution)
         while self._buckets and self._buckets[0][0] <= oldest:
             self._buckets.popleft()
+        return oldest

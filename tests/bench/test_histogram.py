@@ -107,8 +107,23 @@ def test_rate_window_counts_events_over_the_window_only():
     assert r.rate() == pytest.approx(100, rel=0.11)
     clock.now += 30                       # idle longer than the window
     assert r.rate() == 0.0
-    r.add(5)
-    assert r.rate() == pytest.approx(0.5)
+    r.add(5)                              # at 1040: the kept slots cover 1031..1040
+    assert r.rate() == pytest.approx(5 / 9)
+
+
+def test_rate_window_reads_a_steady_rate_exactly():
+    """_expire keeps the slots of the last window - resolution to window seconds; rate()
+    divided by the full window and read 950-995 at a steady 1000/s (an audit)."""
+    clock = FakeClock()
+    r = RateWindow(window_secs=10, resolution_secs=0.5, clock=clock)   # the router's
+    start, readings = clock.now, []
+    for ms in range(30_000):              # 1000 events/s for 30 s
+        clock.now = start + ms / 1000
+        r.add(1)
+        if ms >= 20_000 and ms % 50 == 0:
+            readings.append(r.rate())
+    assert min(readings) == pytest.approx(1000, rel=1e-3)
+    assert max(readings) == pytest.approx(1000, rel=1e-3)
 
 
 def test_rate_window_early_rate_uses_elapsed_time():
