@@ -160,30 +160,24 @@ class MetricsState:
     (view, healthy). Snapshots are replaced, never mutated, so readers can hold them.
     """
 
-    def __init__(self, shard_count: int = 0, memory_budget_versions: int | None = None,
-                 memory_budget_bytes: int | None = None):
+    def __init__(self, shard_count: int = 0, memory_budget_versions: int | None = None):
         self._lock = threading.Lock()
         self._router: ChildEntry | None = None
         self._shards: dict[int, ChildEntry] = {}
         self._supervisor_pid: int | None = None
         self._shard_count = 0
         self._budget_versions: int | None = None
-        self._budget_bytes: int | None = None
-        self.configure(shard_count=shard_count, memory_budget_versions=memory_budget_versions,
-                       memory_budget_bytes=memory_budget_bytes)
+        self.configure(shard_count=shard_count, memory_budget_versions=memory_budget_versions)
 
     # -- writers (supervisor loop thread) -------------------------------------------
 
-    def configure(self, shard_count: int | None = None, memory_budget_versions: int | None = None,
-                  memory_budget_bytes: int | None = None) -> None:
-        """Static facts from the config: shard count (for /healthz), memory budgets."""
+    def configure(self, shard_count: int | None = None, memory_budget_versions: int | None = None) -> None:
+        """Static facts from the config: shard count (for /healthz), memory budget."""
         with self._lock:
             if shard_count is not None:
                 self._shard_count = int(shard_count)
             if memory_budget_versions is not None:
                 self._budget_versions = int(memory_budget_versions)
-            if memory_budget_bytes is not None:
-                self._budget_bytes = int(memory_budget_bytes)
 
     def set_supervisor_pid(self, pid: int | None) -> None:
         with self._lock:
@@ -274,7 +268,6 @@ class MetricsState:
                            else ChildView("shard", i, None, False, 0, {}, 0.0, {})
                            for i in shard_ids},
                 "budget_versions": self._budget_versions,
-                "budget_bytes": self._budget_bytes,
             }
 
 
@@ -547,12 +540,11 @@ class ShardKVCollector(Collector):
         if v["budget_versions"] is not None:
             budget.add_metric([], float(v["budget_versions"]))
         yield budget
-        budget_bytes = GaugeMetricFamily("shardkv_memory_budget_bytes",
-                                         "RSS budget of the whole node (configured, else the machine's RAM).")
-        total = v["budget_bytes"]
-        if total is None:
-            total = psutil.virtual_memory().total
-        budget_bytes.add_metric([], float(total))
+        budget_bytes = GaugeMetricFamily(
+            "shardkv_memory_budget_bytes",
+            "The machine's total RAM (not a cgroup or container limit): the budget RssNearBudget "
+            "compares the node's RSS with.")
+        budget_bytes.add_metric([], float(psutil.virtual_memory().total))
         yield budget_bytes
         shards_g = GaugeMetricFamily("shardkv_shards", "Configured number of shards.")
         shards_g.add_metric([], float(len(shards)))

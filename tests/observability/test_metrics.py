@@ -141,6 +141,15 @@ def test_the_router_snapshot_carries_its_transaction_outcomes(tmp_path):
     assert router.snapshot()["txn"] == {"committed": 2, "conflict": 2, "error": 1}
 
 
+def test_the_memory_budget_in_bytes_is_the_machines_ram_and_says_so():
+    """Its HELP said "configured, else the machine's RAM", but no config key sets it."""
+    import psutil
+    family = scrape(full_state())["shardkv_memory_budget_bytes"]
+    assert "machine's total RAM" in family.documentation
+    assert "configured" not in family.documentation
+    assert sample({"b": family}, "b", "shardkv_memory_budget_bytes") == psutil.virtual_memory().total
+
+
 def test_a_dead_pid_and_a_down_shard_do_not_break_the_scrape():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
