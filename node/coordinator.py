@@ -22,7 +22,7 @@ import zlib
 from typing import TYPE_CHECKING
 
 from node.errors import err, shard_error, txn_error, txn_error_of, unavailable
-from node.routing import parts_by_shard, route_batch
+from node.routing import first_locked, lock_parts, parts_by_shard, route_batch, unlock_parts
 from shard import messages as m
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ class TxnCoordinator:
         return None
 
     def wait_for_key(self, key, resume) -> None:
-        """Call resume() once no undecided 2PC txn holds `key` (unlock_keys)."""
+        """Call resume() once no undecided 2PC txn holds `key` (wake_waiters)."""
         waiters = self.key_waiters.get(key)
         if waiters is None:
             self.key_waiters[key] = [resume]
@@ -195,23 +195,19 @@ class TxnCoordinator:
 
     def unlock_keys(self, txn: TwoPC) -> None:
         """A 2PC txn was decided, and its commit_prepared or abort_prepared items are
-        queued ahead of anything sent from here on: its keys are free again; the txns
-        that waited on one run now, in arrival order."""
-        locked = self.locked_keys
-        freed = []
-        for reads, writes in txn.keys.values():
-            for pairs in (reads, writes):
-                for k, _ in pairs:
-                    n = locked[k]
-                    if n > 1:
-                        locked[k] = n - 1
-                    else:
-                        del locked[k]
-                        if k in self.key_waiters:
-                            freed.append(k)
+        queued ahead of anything sent from here on: its keys are free again (start_2pc
+        locked them; no key is ever held by two, since a txn touching a held key waits
+        before it can become a 2PC txn itself)."""
+        unlock_parts(self.locked_keys, txn.keys)
         txn.keys = ()
-        for k in freed:
-            for resume in self.key_waiters.pop(k, ()):
+        if self.key_waiters:
+            self.wake_waiters()
+
+    def wake_waiters(self) -> None:
+        """Run the txns that waited on keys no longer held, in the order they came."""
+        locked, waiters = self.locked_keys, self.key_waiters
+        for k in [k for k in waiters if k not in locked]:
+            for resume in waiters.pop(k, ()):
                 resume()
 
     def begin_txn(self, t: dict, owner, index: int) -> None:
@@ -314,17 +310,13 @@ class TxnCoordinator:
         self.twopc["started"] += 1
         target = (KIND_PREPARE, txn)
         links = self.links
-        locked = self.locked_keys
         for s in participants:        # send_item, inlined: this runs per participant
             reads, writes = parts[s]
             link = links[s]
             group = link.group or self.open_group(link)
             group.items.append([m.ITEM_PREPARE, ts, reads, writes, participants])
             group.targets.append(target)
-            for k, _ in reads:
-                locked[k] = locked.get(k, 0) + 1
-            for k, _ in writes:
-                locked[k] = locked.get(k, 0) + 1
+        lock_parts(self.locked_keys, parts, txn)     # held until decide -> unlock_keys
         txn.keys = parts
         return txn
 
@@ -463,17 +455,18 @@ class TxnCoordinator:
         count = len(txns)
         links = self.links
         oracle = self.oracle
-        locked = self.locked_keys
         i = run.next
+        # The first entry that touches a key of another request's undecided 2PC txn: the
+        # batch waits there. Found once for the rest of the batch: the 2PC entries started
+        # below lock only their own keys, which no other entry of this batch has.
+        stop = first_locked(txns, i, self.locked_keys) if self.locked_keys else -1
         while i < count:
             t = txns[i]
+            if i == stop:
+                run.next = i
+                return self.wait_for_key(self.locked_key_of(t), lambda: self.pump_batch(run))
             reads = t["reads"]
             writes = t["writes"]
-            if locked:
-                key = self.locked_key_of(t)
-                if key is not None:    # another request's undecided 2PC txn holds it
-                    run.next = i
-                    return self.wait_for_key(key, lambda: self.pump_batch(run))
             if not writes or self.barriers:
                 if self.barriers and self.is_cross_shard(t):
                     run.next = i

@@ -83,11 +83,48 @@ def py_group_keys(keys: list, shards: int) -> dict:
     return groups
 
 
+# -- the keys of undecided 2PC txns (node/coordinator.py: a txn touching one waits)
+
+def py_first_locked(txns: list, start: int, locked: dict) -> int:
+    """The index of the first entry from `start` that reads or writes a key in
+    `locked`, or -1."""
+    for i in range(max(start, 0), len(txns)):
+        t = txns[i]
+        if any(k in locked for k, _ in t["reads"]) or any(k in locked for k, _ in t["writes"]):
+            return i
+    return -1
+
+
+def py_lock_parts(locked: dict, parts: dict, txn) -> None:
+    """locked[key] = txn for every key of parts ({shard: (reads, writes)})."""
+    for reads, writes in parts.values():
+        for k, _ in reads:
+            locked[k] = txn
+        for k, _ in writes:
+            locked[k] = txn
+
+
+def py_unlock_parts(locked: dict, parts: dict) -> None:
+    """Remove every key of parts from locked."""
+    pop = locked.pop
+    for reads, writes in parts.values():
+        for k, _ in reads:
+            pop(k, None)
+        for k, _ in writes:
+            pop(k, None)
+
+
 try:
     from node._routing import group_keys as native_group_keys, route_batch as native_route_batch
-except ImportError:  # built without a C compiler
+    from node._routing import first_locked as native_first_locked
+    from node._routing import lock_parts as native_lock_parts, unlock_parts as native_unlock_parts
+except ImportError:  # built without a C compiler, or an older build
     native_group_keys = native_route_batch = None
+    native_first_locked = native_lock_parts = native_unlock_parts = None
 
 ROUTING = "native" if native_route_batch is not None else "python"
 route_batch = native_route_batch or py_route_batch
 group_keys = native_group_keys or py_group_keys
+first_locked = native_first_locked or py_first_locked
+lock_parts = native_lock_parts or py_lock_parts
+unlock_parts = native_unlock_parts or py_unlock_parts

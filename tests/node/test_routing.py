@@ -110,6 +110,9 @@ def test_the_native_routing_is_built_where_a_compiler_is_and_the_router_uses_it(
     from node import coordinator, router
     assert routing.ROUTING == "native"
     assert coordinator.route_batch is routing.native_route_batch
+    assert coordinator.first_locked is routing.native_first_locked
+    assert coordinator.lock_parts is routing.native_lock_parts
+    assert coordinator.unlock_parts is routing.native_unlock_parts
     assert router.group_keys is routing.native_group_keys
 
 
@@ -130,4 +133,53 @@ def test_native_routing_holds_no_reference_after_it_returns():
         routing.native_group_keys(ks, 3)
         with pytest.raises(TypeError):
             routing.native_route_batch(txns + [{"reads": [("k", 1)], "writes": []}], 3)
+    assert [sys.getrefcount(o) for o in objects] == before
+
+
+# -- the keys of undecided 2PC txns (first_locked, lock_parts, unlock_parts)
+
+@native
+@settings(max_examples=400)
+@given(batches(), st.lists(keys, max_size=6), st.integers(-1, 9))
+def test_native_first_locked_matches_the_reference(txns, held, start):
+    locked = dict.fromkeys(held, "txn")
+    assert routing.native_first_locked(txns, start, locked) == routing.py_first_locked(txns, start, locked)
+
+
+@native
+@settings(max_examples=300)
+@given(batches(), st.lists(keys, max_size=4))
+def test_native_lock_and_unlock_parts_match_the_reference(txns, others):
+    """Lock each multi-shard entry's parts over keys other txns hold, then unlock them:
+    the same dict as the reference's at every step, and the other txns' keys stay."""
+    routes = routing.py_route_batch(txns, 3) or []
+    for parts in [r for r in routes if isinstance(r, dict)]:
+        native, reference = dict.fromkeys(others, "other"), dict.fromkeys(others, "other")
+        routing.native_lock_parts(native, parts, "txn")
+        routing.py_lock_parts(reference, parts, "txn")
+        assert native == reference
+        routing.native_unlock_parts(native, parts)
+        routing.py_unlock_parts(reference, parts)
+        assert native == reference
+        part_keys = {k for reads, writes in parts.values() for k, _ in reads + writes}
+        assert reference == {k: "other" for k in others if k not in part_keys}
+
+
+@native
+def test_native_key_locks_hold_no_reference_after_they_return():
+    import sys
+    ks = [b"k%03d" % i for i in range(8)]
+    parts = {0: ([(ks[0], 1)], [(ks[0], b"v"), (ks[1], None)]), 1: ([], [(ks[2], b"w")])}
+    txns = [{"reads": [(ks[5], 1)], "writes": [(ks[6], b"x")]}, {"reads": [], "writes": [(ks[2], b"y")]}]
+    txn = object()
+    locked = {}
+    objects = ks + [txn]
+    before = [sys.getrefcount(o) for o in objects]
+    for _ in range(200):
+        routing.native_lock_parts(locked, parts, txn)
+        assert routing.native_first_locked(txns, 0, locked) == 1
+        routing.native_unlock_parts(locked, parts)
+        with pytest.raises(TypeError):
+            routing.native_lock_parts(locked, {0: ([("k", 1)], [])}, txn)
+    assert locked == {}
     assert [sys.getrefcount(o) for o in objects] == before
