@@ -161,7 +161,8 @@ def run_scan(args, kv: Client, out, arg) -> None:
     items = kv.scan_iter(start, end, prefix, page=min(args.limit, 1000), at=args.at)
     for key, value, version in items:
         if shown == args.limit:
-            print(f"(more after {show(key)}; raise --limit or use --start)", file=sys.stderr)
+            # `key` is the first one not shown
+            print(f"(more from {show(key)}; raise --limit or use --start)", file=sys.stderr)
             break
         print(f"{show(key)}\t{show(value)}\t{version}", file=out)
         shown += 1

@@ -171,16 +171,23 @@ def as_bytes(data: Key) -> bytes:
     raise TypeError(f"keys and values must be bytes or str, got {type(data).__name__}")
 
 
-def _pairs(items: Any) -> list[list]:
-    """A mapping or an iterable of pairs -> [[k, v], ...] with bytes keys."""
+def _pairs(items: Any, value: Callable[[Any], Any]) -> list[list]:
+    """A mapping or an iterable of pairs -> [[bytes key, value(v)], ...]."""
     if items is None:
         return []
     if isinstance(items, dict):
         items = items.items()
-    out = []
-    for k, v in items:
-        out.append([as_bytes(k), as_bytes(v) if isinstance(v, str) else v])
-    return out
+    return [[as_bytes(k), value(v)] for k, v in items]
+
+
+def _write_value(v: Any) -> bytes | None:
+    """A write's value: bytes, or None (a delete). An int or float is a TypeError here,
+    as for put(), not a bad_request after a round trip."""
+    return None if v is None else as_bytes(v)
+
+
+def _version(v: Any) -> Any:
+    return v            # the node checks versions (an int >= 0)
 
 
 def retry(fn: Callable[[], T], attempts: int = 5, backoff: float = 0.05,
@@ -375,7 +382,7 @@ class Client:
 
     @staticmethod
     def _txn_fields(reads: Any, writes: Any, block: int | None) -> dict:
-        fields: dict[str, Any] = {"reads": _pairs(reads), "writes": _pairs(writes)}
+        fields: dict[str, Any] = {"reads": _pairs(reads, _version), "writes": _pairs(writes, _write_value)}
         if block is not None:
             fields["block"] = block
         return fields

@@ -467,11 +467,8 @@ def _scan_bound(fields: _Fields, name: str, limits: Limits) -> bytes | None:
 
 
 def _parse_scan(fields: _Fields, limits: Limits) -> dict:
-    limit = fields.int("limit", minimum=1)
-    if limit is None:
-        limit = SCAN_DEFAULT_LIMIT
-    if limit > SCAN_MAX_LIMIT:
-        raise ProtocolError(BAD_REQUEST, f"limit must be in 1..{SCAN_MAX_LIMIT}, got {limit}")
+    limit = fields.get("limit")
+    limit = SCAN_DEFAULT_LIMIT if limit is None else _int(limit, "limit", 1, SCAN_MAX_LIMIT)
     return {"start": _scan_bound(fields, "start", limits),
             "end": _scan_bound(fields, "end", limits),
             "prefix": _scan_bound(fields, "prefix", limits),

@@ -254,7 +254,8 @@ class Supervisor:
         self.state = "running"
         self.announced = True
         metrics = f"metrics on {self.metrics_url}" if self.metrics_url else "metrics off"
-        print(f"shardkv ready: {self.shard_count} shards, listening on "
+        shards = f"{self.shard_count} shard{'' if self.shard_count == 1 else 's'}"
+        print(f"shardkv ready: {shards}, listening on "
               f"{self.config['node']['listen']}, {metrics}", flush=True)
 
     def report_child(self, child: Child) -> None:

@@ -204,6 +204,13 @@ def timestamp_dir(base: Path | None = None) -> Path:
     return base / time.strftime("%Y%m%d-%H%M%S")
 
 
+def caller_path(path: Path) -> Path:
+    """A path given on the command line, relative to the directory the user ran the
+    script from (scripts/bench and scripts/soak cd to the repo root first and name it in
+    SHARDKV_CALLER_CWD), as scripts/node treats its own paths."""
+    return Path(os.environ.get("SHARDKV_CALLER_CWD", ".")) / path
+
+
 def plot_lines(report: Report, filename: str, title: str, xlabel: str, series: dict[str, tuple[list, list]],
                ylabel: str, y2: dict[str, tuple[list, list]] | None = None, y2label: str = "",
                logx: bool = False) -> None:

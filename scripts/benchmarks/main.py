@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import Report, log, timestamp_dir  # noqa: E402
+from benchlib import Report, caller_path, log, timestamp_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="node suite: comma-separated shard counts for the scaling figure (default 1,2,4)")
     args = parser.parse_args(argv)
 
-    out = args.out or timestamp_dir()
+    out = caller_path(args.out) if args.out else timestamp_dir()
     report = Report(title=f"shardkv benchmarks: {args.suite}", quick=args.quick, out_dir=out)
     log(f"suite {args.suite}{' (quick)' if args.quick else ''}; report -> {out}")
     try:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil  # noqa: E402
 
-from benchlib import ROOT, Report, plot_lines, timestamp_dir  # noqa: E402
+from benchlib import ROOT, Report, caller_path, plot_lines, timestamp_dir  # noqa: E402
 from procs import Conn, NodeProcess  # noqa: E402
 from shard.histogram import Histogram, quantile  # noqa: E402
 
@@ -562,7 +562,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.warmup is None:
         args.warmup = min(300.0, args.duration * 0.25)
-    out = args.out or timestamp_dir().with_name("soak-" + timestamp_dir().name)
+    out = caller_path(args.out) if args.out else timestamp_dir().with_name("soak-" + timestamp_dir().name)
     work = Path(tempfile.mkdtemp(prefix="shardkv-soak-"))
     stop_early_on_signals()
     try:

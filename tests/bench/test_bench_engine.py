@@ -1,5 +1,6 @@
 """`scripts/bench engine --quick`: the report has its structure (never timing asserts)."""
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -12,8 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_engine_quick_writes_table_json_plots_and_profiles(tmp_path):
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "scripts/benchmarks/main.py", "engine", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=280)
+    # a relative --out is relative to where scripts/bench was run (it names that directory
+    # in SHARDKV_CALLER_CWD), not to the repo root it runs in
+    env = {**os.environ, "SHARDKV_CALLER_CWD": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "scripts/benchmarks/main.py", "engine", "--quick", "--out", "report"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=280, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| engine |")]
     names = [row.split("|")[2].strip() for row in table]

@@ -34,7 +34,7 @@ def test_put_get_delete_scan(run):
     code, out, err = run("scan", "--prefix", "row/", "--limit", "3")
     assert code == 0
     assert [line.split("\t")[0] for line in out.splitlines()] == ["row/0", "row/1", "row/2"]
-    assert "more after row/3" in err
+    assert "more from row/3" in err           # the first key not shown
     code, out, _ = run("scan", "--start", "row/3", "--end", "row/5")
     assert [line.split("\t")[:2] for line in out.splitlines()] == [["row/3", "v3"], ["row/4", "v4"]]
     assert run("delete", "greeting")[0] == 0

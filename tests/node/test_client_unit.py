@@ -329,6 +329,11 @@ def test_keys_and_values_must_be_bytes_or_str(server, bad):
         tx = kv.transaction().__enter__()
         with pytest.raises(TypeError):
             tx.put(b"k", 100)
+        if bad is not None:
+            with pytest.raises(TypeError, match="bytes or str"):
+                kv.txn(writes={b"k": bad})
+            with pytest.raises(TypeError, match="bytes or str"):
+                kv.batch([{"writes": [(b"k", bad)]}])
     assert not server.poll(100)
 
 

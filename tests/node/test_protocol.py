@@ -98,6 +98,11 @@ def test_batch_entries_are_txns():
                            {"reads": [(b"a", 1)], "writes": [], "block": 2}]
 
 
+@pytest.mark.parametrize("limit", [0, 10001, 2**40])
+def test_a_scan_limit_out_of_range_names_the_documented_range(limit):
+    assert f"limit must be in 1..10000, got {limit}" in error_of({"op": "scan", "limit": limit}).message
+
+
 def test_scan_defaults_and_fields():
     assert decode({"op": "scan"}) == {"op": "scan", "id": None, "start": None, "end": None,
                                       "prefix": None, "limit": 1000, "at": None}

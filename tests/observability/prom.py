@@ -74,6 +74,11 @@ def monitor(metrics_port: int, scrape_interval: str = "1s"):
     try:
         line = wait_for(lambda: next((l for l in lines if "prometheus ready:" in l), None), 30,
                         "scripts/monitor to print its URL")
+        # the alerts page it names must be there (Debian's Prometheus has only the classic
+        # UI: /alerts was a 404 there)
+        alerts = re.search(r"alerts at (\S+);", line).group(1)
+        with urllib.request.urlopen(alerts, timeout=10) as page:
+            assert page.status == 200 and b"ShardDown" in page.read(), alerts
         yield re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
     finally:
         if proc.poll() is None:
