@@ -14,10 +14,11 @@
  *   group_keys(keys, nshards) -> {shard: ([index, ...], [key, ...])}
  *   first_locked(txns, start, locked) -> index of the first entry from `start` with a
  *       read or write key in the dict `locked`, or -1
- *   lock_parts(locked, parts, txn)   locked[key] = txn for every key of parts
- *   unlock_parts(locked, parts)      del locked[key] for every key of parts held there
- *       (parts = {shard: (reads, writes)}: the keys of an undecided 2PC txn, which a txn
- *       touching one waits for; in Python that bookkeeping was ~0.8 us per transfer)
+ *   lock_parts(locked, written, parts, txn)   locked[key] = txn for every key of parts,
+ *       written[key] = txn for every written one
+ *   unlock_parts(locked, written, parts)      the keys of parts out of both
+ *       (parts = {shard: (reads, writes)}: the keys of an undecided 2PC txn; see
+ *       node/coordinator.py; in Python that bookkeeping was ~0.8 us per transfer)
  *
  * Keys are exact bytes and pairs are 2-tuples or 2-lists (what node.protocol produces);
  * anything else raises TypeError (the router never passes it: the parser checked it).
@@ -306,10 +307,11 @@ first_locked(PyObject *self, PyObject *args)
 }
 
 /* Every (reads, writes) list of the {shard: (reads, writes)} dict `parts`, one at a
- * time: call `fn(pairs, arg)`; 0, or -1 on error. */
+ * time: fn(pairs, locked, txn), and for the writes fn(pairs, written, txn) too (written
+ * may be NULL); 0, or -1 on error. */
 static int
 each_part_list(PyObject *parts, int (*fn)(PyObject *, PyObject *, PyObject *),
-               PyObject *locked, PyObject *txn)
+               PyObject *locked, PyObject *written, PyObject *txn)
 {
     Py_ssize_t pos = 0;
     PyObject *shard, *part;
@@ -330,6 +332,8 @@ each_part_list(PyObject *parts, int (*fn)(PyObject *, PyObject *, PyObject *),
                 return -1;
             }
             if (fn(pairs, locked, txn) < 0)
+                return -1;
+            if (side == 1 && written != NULL && fn(pairs, written, txn) < 0)
                 return -1;
         }
     }
@@ -371,10 +375,10 @@ unlock_list(PyObject *pairs, PyObject *locked, PyObject *unused)
 static PyObject *
 lock_parts(PyObject *self, PyObject *args)
 {
-    PyObject *locked, *parts, *txn;
-    if (!PyArg_ParseTuple(args, "O!OO", &PyDict_Type, &locked, &parts, &txn))
+    PyObject *locked, *written, *parts, *txn;
+    if (!PyArg_ParseTuple(args, "O!O!OO", &PyDict_Type, &locked, &PyDict_Type, &written, &parts, &txn))
         return NULL;
-    if (each_part_list(parts, lock_list, locked, txn) < 0)
+    if (each_part_list(parts, lock_list, locked, written, txn) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -382,10 +386,10 @@ lock_parts(PyObject *self, PyObject *args)
 static PyObject *
 unlock_parts(PyObject *self, PyObject *args)
 {
-    PyObject *locked, *parts;
-    if (!PyArg_ParseTuple(args, "O!O", &PyDict_Type, &locked, &parts))
+    PyObject *locked, *written, *parts;
+    if (!PyArg_ParseTuple(args, "O!O!O", &PyDict_Type, &locked, &PyDict_Type, &written, &parts))
         return NULL;
-    if (each_part_list(parts, unlock_list, locked, NULL) < 0)
+    if (each_part_list(parts, unlock_list, locked, written, NULL) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -398,9 +402,9 @@ static PyMethodDef methods[] = {
     {"first_locked", first_locked, METH_VARARGS,
      "first_locked(txns, start, locked) -> index of the first txn from start with a key in locked, or -1"},
     {"lock_parts", lock_parts, METH_VARARGS,
-     "lock_parts(locked, parts, txn): locked[key] = txn for every key of parts"},
+     "lock_parts(locked, written, parts, txn): every key of parts -> txn (written: the written keys)"},
     {"unlock_parts", unlock_parts, METH_VARARGS,
-     "unlock_parts(locked, parts): remove every key of parts from locked"},
+     "unlock_parts(locked, written, parts): remove every key of parts from both"},
     {NULL, NULL, 0, NULL},
 };
 

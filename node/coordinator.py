@@ -172,7 +172,18 @@ class TxnCoordinator:
     def op_txn(self, ctx, req):
         self.begin_txn(req, ctx, 0)
 
-    # -- keys of undecided 2PC txns: a txn touching one waits for its decision
+    # -- keys of undecided 2PC txns
+    #
+    # start_2pc holds every key of a cross-shard txn until its decision (locked_keys; the
+    # written ones in written_keys too), and its shards hold them as prepare locks. A txn
+    # that meets such a key at a shard is refused `conflict`. For one that reads a key
+    # being written, that is its answer: the txn almost always commits, changing the
+    # version read (begin_txn and dispatch_unshared answer it here, without a round
+    # trip). Any other (a blind write, a read the undecided txn does not change, a write
+    # on a key it only reads) would be refused although nothing it read had changed,
+    # which PROTOCOL.md does not allow: it waits here for the decision, then goes out
+    # behind the commit_prepared or abort_prepared (FIFO per shard) with a newer ts. So
+    # no key is ever held by two undecided txns.
 
     def locked_key_of(self, t: dict):
         """A key of txn t that an undecided 2PC txn reads or writes, else None."""
@@ -184,6 +195,16 @@ class TxnCoordinator:
             if k in locked:
                 return k
         return None
+
+    def doomed(self, t: dict) -> list:
+        """The keys txn t reads that an undecided 2PC txn writes (its shard would answer
+        `conflict` for them), else []."""
+        written = self.written_keys
+        return [k for k, _ in t["reads"] if k in written]
+
+    def refuse_doomed(self, keys: list, owner, index: int) -> None:
+        self.entry_done(owner, index, {"ok": False, "error": err(
+            "conflict", "read versions changed or key locked", True, keys=keys)})
 
     def wait_for_key(self, key, resume) -> None:
         """Call resume() once no undecided 2PC txn holds `key` (wake_waiters)."""
@@ -198,7 +219,7 @@ class TxnCoordinator:
         queued ahead of anything sent from here on: its keys are free again (start_2pc
         locked them; no key is ever held by two, since a txn touching a held key waits
         before it can become a 2PC txn itself)."""
-        unlock_parts(self.locked_keys, txn.keys)
+        unlock_parts(self.locked_keys, self.written_keys, txn.keys)
         txn.keys = ()
         if self.key_waiters:
             self.wake_waiters()
@@ -211,13 +232,14 @@ class TxnCoordinator:
                 resume()
 
     def begin_txn(self, t: dict, owner, index: int) -> None:
-        """start_txn, once no undecided 2PC txn holds one of its keys. A txn that met such
-        a key at a shard was refused `conflict` although nothing it read had changed (a
-        blind write, or a read the undecided txn would not change): PROTOCOL.md allows
-        `conflict` only for a read version that no longer matches."""
+        """start_txn, unless it meets a key of an undecided 2PC txn (see above): then
+        `conflict` now when it reads a key being written, else once that one is decided."""
         if self.locked_keys:
             key = self.locked_key_of(t)
             if key is not None:
+                keys = self.doomed(t)
+                if keys:
+                    return self.refuse_doomed(keys, owner, index)
                 return self.wait_for_key(key, lambda: self.begin_txn(t, owner, index))
         self.start_txn(t, owner, index)
 
@@ -316,7 +338,7 @@ class TxnCoordinator:
             group = link.group or self.open_group(link)
             group.items.append([m.ITEM_PREPARE, ts, reads, writes, participants])
             group.targets.append(target)
-        lock_parts(self.locked_keys, parts, txn)     # held until decide -> unlock_keys
+        lock_parts(self.locked_keys, self.written_keys, parts, txn)   # until decide -> unlock_keys
         txn.keys = parts
         return txn
 
@@ -427,8 +449,8 @@ class TxnCoordinator:
     def pump_batch(self, run: BatchRun) -> None:
         """Dispatch entries in list order; one that touches a key of an undecided 2PC txn
         (an earlier entry's, or another request's) stops the batch until that txn is
-        decided, so every entry sees the effects of the earlier ones and they get
-        increasing commit_ts."""
+        decided, so every entry sees the effects of the earlier ones exactly (also when
+        that txn aborts) and they get increasing commit_ts."""
         if run.routes is not None:
             return self.dispatch_unshared(run)
         while run.next < len(run.txns):
@@ -456,15 +478,23 @@ class TxnCoordinator:
         links = self.links
         oracle = self.oracle
         i = run.next
-        # The first entry that touches a key of another request's undecided 2PC txn: the
-        # batch waits there. Found once for the rest of the batch: the 2PC entries started
-        # below lock only their own keys, which no other entry of this batch has.
-        stop = first_locked(txns, i, self.locked_keys) if self.locked_keys else -1
+        # The next entry that touches a key of another request's undecided 2PC txn (the
+        # 2PC entries started below lock only their own keys, which no other entry of
+        # this batch has): refused if it reads a key being written, else the batch waits
+        # there (see "keys of undecided 2PC txns").
+        locked = self.locked_keys
+        stop = first_locked(txns, i, locked) if locked else -1
         while i < count:
             t = txns[i]
             if i == stop:
-                run.next = i
-                return self.wait_for_key(self.locked_key_of(t), lambda: self.pump_batch(run))
+                keys = self.doomed(t)
+                if not keys:
+                    run.next = i
+                    return self.wait_for_key(self.locked_key_of(t), lambda: self.pump_batch(run))
+                self.refuse_doomed(keys, run, i)
+                i += 1
+                stop = first_locked(txns, i, locked)
+                continue
             reads = t["reads"]
             writes = t["writes"]
             if not writes or self.barriers:

@@ -117,6 +117,7 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
         self.txns = {}                 # ts -> TwoPC not yet finished
         self.undecided = 0             # 2PC txns prepared but not decided
         self.locked_keys = {}          # key -> the undecided 2PC txn reading or writing it
+        self.written_keys = {}         # key -> the undecided 2PC txn writing it
         self.key_waiters = {}          # key -> resume callbacks of txns waiting on it
         self.barriers = collections.deque()   # callbacks(S) waiting for no undecided 2PC
         self.held = []                 # 2PC starts held back by a barrier

@@ -95,23 +95,25 @@ def py_first_locked(txns: list, start: int, locked: dict) -> int:
     return -1
 
 
-def py_lock_parts(locked: dict, parts: dict, txn) -> None:
-    """locked[key] = txn for every key of parts ({shard: (reads, writes)})."""
+def py_lock_parts(locked: dict, written: dict, parts: dict, txn) -> None:
+    """locked[key] = txn for every key of parts ({shard: (reads, writes)}), and
+    written[key] = txn for every key it writes."""
     for reads, writes in parts.values():
         for k, _ in reads:
             locked[k] = txn
         for k, _ in writes:
             locked[k] = txn
+            written[k] = txn
 
 
-def py_unlock_parts(locked: dict, parts: dict) -> None:
-    """Remove every key of parts from locked."""
-    pop = locked.pop
+def py_unlock_parts(locked: dict, written: dict, parts: dict) -> None:
+    """Every key of parts out of locked and written."""
     for reads, writes in parts.values():
         for k, _ in reads:
-            pop(k, None)
+            locked.pop(k, None)
         for k, _ in writes:
-            pop(k, None)
+            locked.pop(k, None)
+            written.pop(k, None)
 
 
 try:

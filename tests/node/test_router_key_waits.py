@@ -18,7 +18,7 @@ def key_on(shard: int, tag: str) -> bytes:
     return next(k for k in (f"{tag}{i}".encode() for i in range(1000)) if zlib.crc32(k) % 2 == shard)
 
 
-A0, A1, B0, C1 = key_on(0, "a"), key_on(1, "a"), key_on(0, "b"), key_on(1, "c")
+A0, A1, B0, C1, D1 = key_on(0, "a"), key_on(1, "a"), key_on(0, "b"), key_on(1, "c"), key_on(1, "d")
 
 
 @pytest.fixture
@@ -91,14 +91,38 @@ def test_a_blind_write_on_a_prepared_key_waits_for_the_decision_then_commits_beh
 def test_an_abort_frees_the_keys_too(router):
     r = router
     p0, p1 = prepare_transfer(r)
-    txn(r, reads=[(A1, 0)], writes=[(C1, b"v")])        # reads a key the 2PC txn writes
+    txn(r, writes=[(A1, b"w"), (C1, b"v")])            # writes a key the 2PC txn writes
     assert take(r, 1) is None
     answer_all(r, p0)
     r.complete(p1["rid"], {"rid": p1["rid"], "ok": True, "results": [
         {"code": "conflict", "message": "read versions changed", "retryable": True, "keys": [A1]}]})
     after = take(r, 1)
     assert kinds(after) == [m.ITEM_ABORT_PREPARED, m.ITEM_COMMIT]
-    assert r.locked_keys == {} and r.key_waiters == {}
+    assert r.locked_keys == r.written_keys == r.key_waiters == {}
+
+
+def test_a_read_of_a_key_being_written_is_conflict_at_once_without_a_round_trip(router):
+    """Its shard would refuse it for the prepare lock, and the undecided txn almost always
+    commits, changing the version read: it is answered here, and a batch goes on past it."""
+    r = router
+    p0, p1 = prepare_transfer(r)
+    single = txn(r, reads=[(A0, 3)], writes=[(B0, b"x")])
+    ctx, fields = r.answers[-1]
+    assert ctx is single and fields["error"]["code"] == "conflict" and fields["error"]["keys"] == [A0]
+    batch(r, [((), [(B0, b"1")]),
+              (((A1, 3),), [(C1, b"2")]),              # reads a key being written: refused
+              ((), [(D1, b"3")])])                      # goes on (no key in two entries)
+    s0, s1 = take(r, 0), take(r, 1)
+    assert [item[3] for item in s0["items"]] == [[[B0, b"1"]]]
+    assert [item[3] for item in s1["items"]] == [[[D1, b"3"]]]
+    answer_all(r, s0)
+    answer_all(r, s1)
+    ctx, fields = r.answers[-1]
+    assert [res["ok"] for res in fields["results"]] == [True, False, True]
+    assert fields["results"][1]["error"]["code"] == "conflict"
+    answer_all(r, p0)
+    answer_all(r, p1)
+    assert r.locked_keys == r.written_keys == {}
 
 
 def test_a_batch_stops_at_an_entry_on_a_locked_key_and_keeps_its_order(router):

@@ -150,19 +150,25 @@ def test_native_first_locked_matches_the_reference(txns, held, start):
 @settings(max_examples=300)
 @given(batches(), st.lists(keys, max_size=4))
 def test_native_lock_and_unlock_parts_match_the_reference(txns, others):
-    """Lock each multi-shard entry's parts over keys other txns hold, then unlock them:
-    the same dict as the reference's at every step, and the other txns' keys stay."""
+    """Lock each multi-shard entry's parts beside keys other txns hold, then unlock them:
+    the same dicts as the reference's at every step; the written keys go to `written`
+    too; the other txns' keys stay."""
     routes = routing.py_route_batch(txns, 3) or []
     for parts in [r for r in routes if isinstance(r, dict)]:
-        native, reference = dict.fromkeys(others, "other"), dict.fromkeys(others, "other")
-        routing.native_lock_parts(native, parts, "txn")
-        routing.py_lock_parts(reference, parts, "txn")
-        assert native == reference
-        routing.native_unlock_parts(native, parts)
-        routing.py_unlock_parts(reference, parts)
-        assert native == reference
         part_keys = {k for reads, writes in parts.values() for k, _ in reads + writes}
-        assert reference == {k: "other" for k in others if k not in part_keys}
+        write_keys = {k for _, writes in parts.values() for k, _ in writes}
+        others = [k for k in others if k not in part_keys]   # no key is held by two txns
+        native, reference = dict.fromkeys(others, "other"), dict.fromkeys(others, "other")
+        native_w, reference_w = dict.fromkeys(others, "other"), dict.fromkeys(others, "other")
+        routing.native_lock_parts(native, native_w, parts, "txn")
+        routing.py_lock_parts(reference, reference_w, parts, "txn")
+        assert (native, native_w) == (reference, reference_w)
+        assert {k for k, v in reference.items() if v == "txn"} == part_keys
+        assert {k for k, v in reference_w.items() if v == "txn"} == write_keys
+        routing.native_unlock_parts(native, native_w, parts)
+        routing.py_unlock_parts(reference, reference_w, parts)
+        assert (native, native_w) == (reference, reference_w)
+        assert reference == reference_w == dict.fromkeys(others, "other")
 
 
 @native
@@ -172,14 +178,14 @@ def test_native_key_locks_hold_no_reference_after_they_return():
     parts = {0: ([(ks[0], 1)], [(ks[0], b"v"), (ks[1], None)]), 1: ([], [(ks[2], b"w")])}
     txns = [{"reads": [(ks[5], 1)], "writes": [(ks[6], b"x")]}, {"reads": [], "writes": [(ks[2], b"y")]}]
     txn = object()
-    locked = {}
+    locked, written = {}, {}
     objects = ks + [txn]
     before = [sys.getrefcount(o) for o in objects]
     for _ in range(200):
-        routing.native_lock_parts(locked, parts, txn)
+        routing.native_lock_parts(locked, written, parts, txn)
         assert routing.native_first_locked(txns, 0, locked) == 1
-        routing.native_unlock_parts(locked, parts)
+        routing.native_unlock_parts(locked, written, parts)
         with pytest.raises(TypeError):
-            routing.native_lock_parts(locked, {0: ([("k", 1)], [])}, txn)
-    assert locked == {}
+            routing.native_lock_parts(locked, written, {0: ([("k", 1)], [])}, txn)
+    assert locked == {} and written == {}
     assert [sys.getrefcount(o) for o in objects] == before
