@@ -23,6 +23,7 @@ import os
 import sys
 
 import zmq
+import zmq.auth
 
 from node.client import DEFAULT_ENDPOINT, Client, ShardKVError
 from shard import histogram
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"node endpoint (default $SHARDKV_ENDPOINT or {DEFAULT_ENDPOINT})")
     p.add_argument("--timeout", type=seconds, default=10.0, help="seconds to wait for a reply")
     p.add_argument("--hex", action="store_true", help="KEY/VALUE arguments are hex")
+    p.add_argument("--server-key", default=os.environ.get("SHARDKV_SERVER_KEY"), metavar="FILE",
+                   help="the node's CURVE public certificate (e.g. server.key): talk CURVE "
+                        "(default $SHARDKV_SERVER_KEY)")
+    p.add_argument("--client-cert", default=os.environ.get("SHARDKV_CLIENT_CERT"), metavar="FILE",
+                   help="this client's CURVE secret certificate (e.g. client.key_secret), whose "
+                        "public key the node allows (default $SHARDKV_CLIENT_CERT)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("ping", help="check the node answers")
     g = sub.add_parser("get", help="read keys")
@@ -282,11 +289,29 @@ def format_checkpoints(checkpoints: list[dict]) -> str:
     return _table(["name", "ts", "block", "created", "bytes"], rows)
 
 
+def curve_keys(args) -> dict:
+    """Client keyword arguments for CURVE from --server-key / --client-cert (certificate
+    files as zmq.auth.create_certificates writes them); {} without --server-key."""
+    if args.client_cert and not args.server_key:
+        raise UsageError("--client-cert needs --server-key (the node's public certificate)")
+    if not args.server_key:
+        return {}
+    server_public, _ = zmq.auth.load_certificate(args.server_key)
+    keys = {"server_public_key": server_public}
+    if args.client_cert:
+        public, secret = zmq.auth.load_certificate(args.client_cert)
+        if secret is None:
+            raise UsageError(f"--client-cert {args.client_cert} holds no secret key "
+                             "(use the .key_secret file)")
+        keys.update(public_key=public, secret_key=secret)
+    return keys
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)   # exits 2 on a usage error
     try:
-        with Client(args.endpoint, timeout=args.timeout) as kv:
+        with Client(args.endpoint, timeout=args.timeout, **curve_keys(args)) as kv:
             run(args, kv, sys.stdout)
     except UsageError as exc:
         print(f"shardkv: usage error: {exc}", file=sys.stderr)

@@ -90,6 +90,21 @@ def test_curve_admits_allowed_clients_only(make_cluster, curve_keys):
     stranger.close()
 
 
+def test_the_cli_talks_curve_with_a_certificate_the_node_allows(make_cluster, curve_keys, capsys):
+    from node import cli
+    cluster = make_cluster(1, security={"curve_server_secret_file": curve_keys["server_secret"],
+                                        "curve_allowed_clients_dir": curve_keys["allowed"]})
+    base = ["-e", cluster.endpoint, "--server-key", curve_keys["server_public"]]
+    assert cli.main(base + ["--client-cert", curve_keys["client_secret"], "put", "k", "v"]) == 0
+    assert cli.main(base + ["--client-cert", curve_keys["client_secret"], "get", "k"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("k\tv\t")
+    # a key the node does not allow: no answer (CURVE drops it), exit 1
+    assert cli.main(base + ["--timeout", "1", "--client-cert", curve_keys["stranger_secret"], "ping"]) == 1
+    assert cli.main(["-e", cluster.endpoint, "--client-cert", curve_keys["client_secret"], "ping"]) == 2
+    assert cli.main(base + ["--client-cert", curve_keys["server_public"], "ping"]) == 2   # no secret in it
+    assert "usage error" in capsys.readouterr().err
+
+
 def test_frame_over_the_limit_is_answered_too_large(make_cluster):
     cluster = make_cluster(1, limits={"max_frame_bytes": 64 * 1024})
     client = cluster.client()
