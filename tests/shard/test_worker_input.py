@@ -12,26 +12,9 @@ import time
 import pytest
 
 from shard import messages as m
+from tests.shard.stand_in_peer import Peer
 from shard import worker as worker_module
 from shard.link import HEADER
-
-
-class Peer:
-    """Stands in for the router's connection: keeps every reply."""
-    fd = -1
-
-    def __init__(self):
-        self.replies = []
-
-    def send(self, frame) -> bool:
-        self.replies.extend(m.replies_of(m.unpack(frame)))
-        return True
-
-    def sync_poller(self, poller) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 CONFIG = {"flush": {"flush_on_start": False}, "prune": {"auto_interval_secs": 0},

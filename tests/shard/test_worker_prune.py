@@ -7,24 +7,7 @@ import time
 import pytest
 
 from shard import messages as m
-
-
-class Peer:
-    """Stands in for the router's connection: keeps every reply frame."""
-    fd = -1
-
-    def __init__(self):
-        self.replies = []
-
-    def send(self, frame) -> bool:
-        self.replies.extend(m.replies_of(m.unpack(frame)))
-        return True
-
-    def sync_poller(self, poller) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+from tests.shard.stand_in_peer import Peer
 
 
 @pytest.fixture
