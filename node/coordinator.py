@@ -16,6 +16,7 @@ recovery rule that lets a cross-shard commit be answered at the decision.
 """
 from __future__ import annotations
 
+import collections
 import sys
 import time
 import zlib
@@ -86,6 +87,15 @@ class BatchRun:
         # per entry: its shard, or {shard: (reads, writes)} (node/routing.route_batch);
         # only for a batch in which no key is in two entries (dispatch_unshared)
         self.routes = routes
+
+
+class KeyWaiter:
+    """A txn (or a batch stopped at an entry) waiting in the router for a held key:
+    `resume()` tries it again, `fail(error)` answers it without ever sending it."""
+    __slots__ = ("deadline", "resume", "fail")
+
+    def __init__(self, deadline: float, resume, fail):
+        self.deadline, self.resume, self.fail = deadline, resume, fail
 
 
 class TxnCoordinator:
@@ -206,13 +216,38 @@ class TxnCoordinator:
         self.entry_done(owner, index, {"ok": False, "error": err(
             "conflict", "read versions changed or key locked", True, keys=keys)})
 
-    def wait_for_key(self, key, resume) -> None:
-        """Call resume() once no undecided 2PC txn holds `key` (wake_waiters)."""
+    def wait_for_key(self, key, waiter: KeyWaiter) -> None:
+        """Resume the waiter once no undecided 2PC txn holds `key` (wake_waiters); fail
+        it `unavailable` (aborted: it was never sent) past its deadline (expire_waiters)."""
         waiters = self.key_waiters.get(key)
         if waiters is None:
-            self.key_waiters[key] = [resume]
+            self.key_waiters[key] = collections.deque((waiter,))
         else:
-            waiters.append(resume)
+            waiters.append(waiter)
+
+    def txn_waiter(self, t: dict, owner, index: int, deadline: float | None = None) -> KeyWaiter:
+        return KeyWaiter(time.monotonic() + self.request_timeout if deadline is None else deadline,
+                         lambda w: self.begin_txn(t, owner, index, w.deadline),
+                         lambda error: self.entry_done(owner, index, {"ok": False, "error": error}))
+
+    def batch_waiter(self, run: BatchRun) -> KeyWaiter:
+        def fail(error):
+            # the entries from the one that waited on were never sent; the earlier ones
+            # finish as they do
+            for i in range(run.next, run.count):
+                self.entry_done(run, i, {"ok": False, "error": error})
+            run.next = run.count
+        return KeyWaiter(time.monotonic() + self.request_timeout, lambda w: self.pump_batch(run), fail)
+
+    def expire_waiters(self, now: float, error: dict | None = None) -> None:
+        """Fail the waiters past their deadline (every waiter with `error`, at a stop's)."""
+        for key in list(self.key_waiters):
+            queue = self.key_waiters[key]
+            while queue and (error is not None or queue[0].deadline <= now):
+                queue.popleft().fail(error or unavailable(
+                    "waited too long for a cross-shard transaction on the same keys", outcome="aborted"))
+            if not queue:
+                del self.key_waiters[key]
 
     def unlock_keys(self, txn: TwoPC) -> None:
         """A 2PC txn was decided, and its commit_prepared or abort_prepared items are
@@ -225,22 +260,29 @@ class TxnCoordinator:
             self.wake_waiters()
 
     def wake_waiters(self) -> None:
-        """Run the txns that waited on keys no longer held, in the order they came."""
+        """Run the txns that waited on keys no longer held, in the order they came, each
+        key's until one of them holds it again: the rest would only queue up again
+        (waking them all made a queue of n cross-shard writes on one key cost n^2/2)."""
         locked, waiters = self.locked_keys, self.key_waiters
         for k in [k for k in waiters if k not in locked]:
-            for resume in waiters.pop(k, ()):
-                resume()
+            queue = waiters[k]
+            while queue and k not in locked:
+                waiter = queue.popleft()
+                waiter.resume(waiter)
+            if not queue and waiters.get(k) is queue:
+                del waiters[k]
 
-    def begin_txn(self, t: dict, owner, index: int) -> None:
+    def begin_txn(self, t: dict, owner, index: int, deadline: float | None = None) -> None:
         """start_txn, unless it meets a key of an undecided 2PC txn (see above): then
-        `conflict` now when it reads a key being written, else once that one is decided."""
+        `conflict` now when it reads a key being written, else once that one is decided
+        (`deadline`: of its first wait, kept when it has to wait again)."""
         if self.locked_keys:
             key = self.locked_key_of(t)
             if key is not None:
                 keys = self.doomed(t)
                 if keys:
                     return self.refuse_doomed(keys, owner, index)
-                return self.wait_for_key(key, lambda: self.begin_txn(t, owner, index))
+                return self.wait_for_key(key, self.txn_waiter(t, owner, index, deadline))
         self.start_txn(t, owner, index)
 
     def entry_done(self, owner, index: int, result: dict) -> None:
@@ -458,7 +500,7 @@ class TxnCoordinator:
             if self.locked_keys:
                 key = self.locked_key_of(t)
                 if key is not None:
-                    return self.wait_for_key(key, lambda: self.pump_batch(run))
+                    return self.wait_for_key(key, self.batch_waiter(run))
             if self.barriers and self.is_cross_shard(t):
                 self.held.append(lambda: self.pump_batch(run))
                 return
@@ -490,7 +532,7 @@ class TxnCoordinator:
                 keys = self.doomed(t)
                 if not keys:
                     run.next = i
-                    return self.wait_for_key(self.locked_key_of(t), lambda: self.pump_batch(run))
+                    return self.wait_for_key(self.locked_key_of(t), self.batch_waiter(run))
                 self.refuse_doomed(keys, run, i)
                 i += 1
                 stop = first_locked(txns, i, locked)

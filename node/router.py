@@ -47,6 +47,8 @@ from shard.process import (EXIT_FATAL, ProcessProfile, SignalPipe, SupervisorLin
 MAX_DRAIN = 1024        # client frames taken per loop pass
 STOP_DRAIN = 100_000    # at most this many queued frames are still taken on at a stop
 STOP_QUIET_SECS = 0.2   # at a stop, keep refusing new frames until none came for this long
+STOP_LINGER_MS = 1000   # at the exit, how long ZeroMQ may take to deliver the last replies
+WAITER_CHECK_SECS = 0.1  # how often txns waiting on held keys are checked for their deadline
 POLL_MS = 20
 MAX_FORGETS = 4096      # outcome records to forget that get a frame of their own
 
@@ -118,7 +120,8 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
         self.undecided = 0             # 2PC txns prepared but not decided
         self.locked_keys = {}          # key -> the undecided 2PC txn reading or writing it
         self.written_keys = {}         # key -> the undecided 2PC txn writing it
-        self.key_waiters = {}          # key -> resume callbacks of txns waiting on it
+        self.key_waiters = {}          # key -> deque of KeyWaiters (coordinator.py), oldest first
+        self.next_waiter_check = 0.0
         self.barriers = collections.deque()   # callbacks(S) waiting for no undecided 2PC
         self.held = []                 # 2PC starts held back by a barrier
         self.recovered_commits = set() # txns committed by recovery: forget once all shards up
@@ -191,11 +194,14 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
                 # on its way when the socket closes would get no answer at all.
                 if now > grace_deadline or (self.inflight == 0
                                             and now - self.last_client_frame > STOP_QUIET_SECS):
+                    if self.key_waiters:   # never sent: answer them, aborted
+                        self.expire_waiters(now, unavailable("the node is stopping", outcome="aborted"))
                     break
         self.flush_outboxes()
         for link in self.links:
             if link.conn is not None:
                 link.conn.close()
+        self.client.setsockopt(zmq.LINGER, STOP_LINGER_MS)   # the replies of the last pass
         self.client.close()
         if self.auth is not None:
             self.auth.stop()
@@ -347,6 +353,9 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
             if self.pending[rid][2] > now:
                 break
             self.complete(rid, m.error(rid, "unavailable", "shard did not answer in time", True, lost=True))
+        if self.key_waiters and now >= self.next_waiter_check:
+            self.next_waiter_check = now + WAITER_CHECK_SECS
+            self.expire_waiters(now)
         if now >= self.next_ping:
             self.next_ping = now + self.ping_interval
             for link in self.links:

@@ -5,6 +5,7 @@ it went on to the shard, which refused it because the key was locked by the prep
 The in-process router: its shard messages are read from the links' outboxes and answered
 by hand, so each interleaving is exact. tests/e2e/test_protocol_conformance.py checks the
 same from outside, against a real node."""
+import time
 import zlib
 
 import pytest
@@ -171,3 +172,53 @@ def test_keys_held_by_a_txn_whose_prepare_reply_is_lost_are_freed_at_its_abort(r
     answer_all(r, after)
     assert any(ctx is waiting and "commit_ts" in fields for ctx, fields in r.answers)
     assert r.locked_keys == {} and r.key_waiters == {}
+
+
+def test_a_freed_key_wakes_its_waiters_only_until_one_holds_it_again(router):
+    """n cross-shard writes queued on the same keys: each decision starts the next one, and
+    the others stay queued without being tried again (waking every waiter at each decision
+    cost n^2/2 tries: 8,000 queued writes took 77 s)."""
+    r = router
+    tries = []
+    begin = r.begin_txn
+    r.begin_txn = lambda *args: (tries.append(args[1:3]), begin(*args))[1]
+    n = 40
+    for i in range(n + 1):
+        txn(r, writes=[(A0, b"%d" % i), (A1, b"%d" % i)])
+    started = 0
+    for _ in range(n + 1):
+        p0, p1 = take(r, 0), take(r, 1)
+        assert kinds(p0)[-1] == m.ITEM_PREPARE      # behind the previous one's commit_prepared
+        started += 1
+        answer_all(r, p0)
+        answer_all(r, p1)
+    assert started == n + 1 and r.key_waiters == {} and r.locked_keys == {}
+    assert len(tries) <= 2 * (n + 1)                  # its own try, and one when woken
+    assert sum(1 for _, fields in r.answers if "commit_ts" in fields) == n + 1
+
+
+def test_a_waiter_past_its_deadline_is_answered_aborted_and_never_sent(router):
+    r = router
+    p0, p1 = prepare_transfer(r)
+    waiting = txn(r, writes=[(A0, b"late")])
+    batch(r, [((), [(B0, b"1")]), ((), [(A1, b"2")]), ((), [(C1, b"3")])])
+    assert kinds(take(r, 0)) == [m.ITEM_COMMIT]      # the batch's first entry went
+    r.expire_waiters(time.monotonic() + r.request_timeout + 1)       # as run_timers does
+    errors = {id(ctx): fields for ctx, fields in r.answers}
+    assert errors[id(waiting)]["error"]["code"] == "unavailable"
+    assert errors[id(waiting)]["error"]["outcome"] == "aborted"
+    assert r.key_waiters == {}
+    answer_all(r, p0)
+    answer_all(r, p1)
+    assert kinds(take(r, 0)) == [m.ITEM_COMMIT_PREPARED]      # nothing of the waiters
+    assert kinds(take(r, 1)) == [m.ITEM_COMMIT_PREPARED]
+
+
+def test_at_a_stop_every_waiter_is_answered(router):
+    from node.errors import unavailable
+    r = router
+    prepare_transfer(r)
+    waiting = [txn(r, writes=[(A0, b"%d" % i)]) for i in range(5)]
+    r.expire_waiters(time.monotonic(), unavailable("the node is stopping", outcome="aborted"))
+    answered = [ctx for ctx, fields in r.answers if fields.get("error", {}).get("outcome") == "aborted"]
+    assert answered == waiting and r.key_waiters == {}
