@@ -91,7 +91,7 @@ class BatchRun:
 
 class KeyWaiter:
     """A txn (or a batch stopped at an entry) waiting in the router for a held key:
-    `resume()` tries it again, `fail(error)` answers it without ever sending it."""
+    `resume(waiter)` tries it again, `fail(error)` answers it without ever sending it."""
     __slots__ = ("deadline", "resume", "fail")
 
     def __init__(self, deadline: float, resume, fail):
