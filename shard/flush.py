@@ -11,7 +11,9 @@ Order (DESIGN.md "MVCC and flush"):
 3. finish: a RocksDB flush of `data` to SST files (durable), started without waiting;
    later steps only check its progress (FlushJob.wait_step). Then one WAL-on meta write
    of flushed_seq / block / live_keys / max_ts and the 2PC snapshot, then delete the log
-   up to freeze_seq, then hand the frozen memtable to engine.release_step. A crash
+   up to freeze_seq and start a RocksDB flush of `log` and `meta` (so RocksDB can delete
+   the WAL files the flush made obsolete), then hand the frozen memtable to
+   engine.release_step. A crash
    before the meta write replays the log (idempotent: same rows); after it, the log rows
    <= flushed_seq are skipped whether or not they were deleted.
 """
@@ -229,6 +231,13 @@ class FlushJob:
         storage.write(batch, wal=True, sync=engine.config.fsync)
         if self.freeze_seq:
             engine.log.truncate(self.freeze_seq)
+        # RocksDB deletes a WAL file only once every column family with rows in it has
+        # flushed them to SST files. `data` just did; `log` and `meta` get a few rows per
+        # pass and would not fill a memtable for a long time, so every WAL file since
+        # their last flush stayed: without this, a shard's WAL grew by everything it
+        # committed, flush after flush (48 MB after 8 flushes of 6 MB, with 1.5 MB of live
+        # data), until RocksDB's max_total_wal_size (gigabytes by default) forced it.
+        storage.flush(("log", "meta"), wait=False)
         # The flushed memtable is freed a slice at a time (engine.release_step): dropping
         # a million versions at once took ~0.2 s of the loop.
         engine.released.append(self.frozen)

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from shard import commitlog as cl
+from shard.config import EngineConfig
 from shard.errors import TooOld
 
 
@@ -151,3 +152,36 @@ def test_prune_keeps_newest_in_memory_and_on_disk_and_raises_horizon(open_engine
     e.close()
     e = open_engine()
     assert e.horizon == 5 and e.read([b"a", b"b1"], 6) == [(b"6", 6), (b"x", 1)]
+
+
+def test_a_flush_lets_rocksdb_delete_the_log_files_it_made_obsolete(open_engine, tmp_path):
+    """RocksDB deletes a write-ahead log file only once every column family with rows in
+    it has flushed them. A flush wrote `data` to SST files and truncated `log`, but `log`
+    and `meta` kept their rows in memtables, so no log file was ever deleted: 6 MB more
+    per round here, without end (until max_total_wal_size, gigabytes by default). With the
+    default 64 MiB write buffers: small ones flush `log` on their own."""
+    e = open_engine(config=EngineConfig(flush_on_start=False))
+    path = tmp_path / "shard"
+    value = b"v" * 3000
+    ts = 0
+
+    def log_bytes() -> int:
+        total = 0
+        for log in path.glob("*.log"):
+            try:
+                total += log.stat().st_size
+            except FileNotFoundError:                # RocksDB deleted it meanwhile
+                pass
+        return total
+    for _ in range(4):
+        for i in range(2000):                        # ~6 MB of log records
+            ts += 1
+            e.commit(ts, [], [(b"k%03d" % (i % 500), value)])
+            e.sync()
+        assert log_bytes() > 5_000_000
+        e.flush()
+        deadline = time.monotonic() + 10             # RocksDB's threads delete them
+        while log_bytes() > 1_000_000:
+            assert time.monotonic() < deadline, f"log files kept: {log_bytes()} bytes"
+            time.sleep(0.02)
+    assert e.read([b"k000"], ts)[0][0] == value

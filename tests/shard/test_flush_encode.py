@@ -155,12 +155,16 @@ def _reads_from(memtable, names, at):
 
 
 def _spy_flushes(e) -> list:
-    """[(versions written when called, wait), ...] of the engine's storage.flush calls."""
+    """[(versions written when called, wait), ...] of the engine's storage.flush calls of
+    the data column family (the flush's end also flushes `log` and `meta`, unwaited)."""
     calls = []
     real = e.storage.flush
 
     def flush(cfs, wait=True):
-        calls.append((e.flush_job.ops, wait))
+        if cfs == ("data",):
+            calls.append((e.flush_job.ops, wait))
+        else:
+            assert cfs == ("log", "meta") and wait is False
         return real(cfs, wait)
     e.storage.flush = flush
     return calls
