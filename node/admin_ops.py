@@ -9,7 +9,7 @@ import os
 import shutil
 import time
 
-from node.errors import err, shard_error, unavailable
+from node.errors import err, file_error, shard_error, unavailable
 from shard import messages as m
 from shard.histogram import summary_ms
 
@@ -67,7 +67,10 @@ class AdminOps:
             return self.fail(ctx, err("bad_request", f"checkpoint {name!r} already exists"))
         if not self.all_up():
             return self.fail(ctx, unavailable("a shard is down or restarting"))
-        os.makedirs(path, mode=0o700)
+        try:
+            os.makedirs(path, mode=0o700)
+        except OSError as exc:
+            return self.fail(ctx, file_error(f"checkpoint {name!r}: cannot create {path}", exc))
         self.creating_checkpoints.add(name)
 
         def at_cut(S):
@@ -91,8 +94,7 @@ class AdminOps:
                     os.replace(tmp, os.path.join(path, "MANIFEST.json"))   # written last: now it exists
                 except OSError as exc:     # the disk, or the directory gone: answer, never hang
                     shutil.rmtree(path, ignore_errors=True)
-                    return self.fail(ctx, err("internal", f"checkpoint {name!r}: writing its manifest "
-                                                          f"failed: {exc}"))
+                    return self.fail(ctx, file_error(f"checkpoint {name!r}: writing its manifest failed", exc))
                 self.reply(ctx, name=name, ts=S, block=block, created_at=created)
             self.scatter({s: {"op": m.CHECKPOINT, "dir": os.path.join(path, f"shard-{s}"), "ts": S}
                           for s in range(self.nshards)}, done)
@@ -166,7 +168,7 @@ class AdminOps:
         self.scatter({s: {"op": m.PRUNE, "keep_versions": keep} for s in range(self.nshards)}, done)
 
     def op_stats(self, ctx, req):
-        up = [s for s in range(self.nshards) if self.links[s].state == "up"]
+        up = [s for s in range(self.nshards) if self.links[s].state == "up" or self.links[s].readable]
 
         def done(replies):
             shards = []
@@ -216,7 +218,9 @@ def shard_entry(s: int, st: dict) -> dict:
             "prune": {k: prune.get(k, 0) for k in ("prune_count", "versions_removed")},
             "horizon": st.get("horizon", 0), "max_ts": st.get("max_ts", 0),
             "block_height": st.get("block_height", 0), "prepared": st.get("prepared", 0),
-            "outcomes": st.get("outcomes", 0)}
+            "outcomes": st.get("outcomes", 0),
+            # free space and whether it takes writes ("ok", "low_space", "read_only")
+            "disk": dict(st.get("disk") or {})}
 
 
 def disk_usage(path: str) -> int:

@@ -274,6 +274,9 @@ def format_stats(stats: dict) -> str:
                                       if isinstance(v, (int, float)))
     if extra:
         text += "\n" + "\n".join(f"{k}: {v}" for k, v in sorted(extra.items())) + "\n"
+    refusing = [(s.get("disk") or {}).get("refused") for s in shards]
+    if any(refusing):      # a full disk: why writes are refused, and what frees them
+        text += "\n" + "\n".join(r for r in refusing if r) + "\n"
     return text
 
 

@@ -1,6 +1,8 @@
 """The error maps the router answers clients with (PROTOCOL.md "Errors"), and how a shard's
 failed reply becomes one: which shard codes reach the client as they are, and which mean
 the shard is unavailable (and what that says about a txn's outcome)."""
+import errno
+
 from shard import messages as m
 
 
@@ -10,6 +12,15 @@ def err(code: str, message: str, retryable: bool = False, **extra) -> dict:
 
 def unavailable(message: str, **extra) -> dict:
     return err("unavailable", message, True, **extra)
+
+
+def file_error(what: str, exc: OSError) -> dict:
+    """The client error for a file operation of the router that failed: on a full disk
+    `unavailable` (retryable once space is freed), else `internal`."""
+    message = f"{what}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return unavailable(message + "; free space on the data dir's file system and retry")
+    return err("internal", message)
 
 
 def shard_error(reply: dict) -> dict:

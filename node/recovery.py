@@ -105,6 +105,9 @@ class ShardRecovery:
         def one_done(reply, known):
             if not reply.get("ok"):
                 link.state = "down"
+                # A read-only shard (disk full) cannot apply it until space is back: it
+                # serves reads meanwhile (router.ShardLink.readable); retried every pong.
+                link.readable = bool((reply.get("error") or {}).get("read_only"))
                 return
             if known is not None:
                 self.commit_acked(known, link.index)
@@ -118,6 +121,7 @@ class ShardRecovery:
 
     def link_up(self, link: ShardLink) -> None:
         link.state = "up"
+        link.readable = False
         if all(l.state == "up" for l in self.links):
             if self.recovered_commits:   # no shard holds them prepared any more
                 txns = sorted(self.recovered_commits)

@@ -68,6 +68,10 @@ class ShardLink:
         self.conn = None           # FrameStream while connected, else None
         self.inc = None
         self.state = "down"        # down -> resolving -> up
+        # Not up, but serving reads: the shard is read-only (its disk is full) and holds a
+        # prepared txn it cannot commit or abort yet (recovery.py). Its writes are refused
+        # there anyway, and a read of a key of that txn waits on its lock as always.
+        self.readable = False
         self.last_pong = time.monotonic()
         self.outbox = []
         self.group = None          # the open `txns` message at the end of outbox, if any
@@ -339,6 +343,7 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
     def fail_link(self, link: ShardLink, why: str) -> None:
         """The shard died, restarted or went silent: fail everything pending there."""
         link.state = "down"
+        link.readable = False
         unsent, link.outbox = link.outbox, []
         link.group = None
         for msg in unsent:        # never sent: not executed
@@ -426,10 +431,22 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
         for envelope, req, t0 in self.client_requests(limit):
             ctx = Request(envelope, req.get("id"), req["op"], t0)
             self.inflight += 1
+            if self.oracle.failure is not None and self.refused_for_timestamps(ctx, req):
+                continue
             try:
                 getattr(self, "op_" + req["op"])(ctx, req)
             except Exception as exc:
                 self.fail(ctx, err("internal", f"{type(exc).__name__}: {exc}"))
+
+    def refused_for_timestamps(self, ctx: Request, req: dict) -> bool:
+        """The timestamp reservation could not be renewed (its disk is full: see
+        node/timestamps.py): a request that takes timestamps is answered `unavailable`
+        (nothing done) when the rest of the reservation cannot cover it."""
+        if self.oracle.room_for(timestamps_needed(req)):
+            return False
+        extra = {"outcome": "aborted"} if req["op"] in ("txn", "batch") else {}
+        self.fail(ctx, unavailable(self.oracle.failure, **extra))
+        return True
 
     def send_client(self, envelope, payload: bytes) -> None:
         try:
@@ -467,6 +484,10 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
     def all_up(self) -> bool:
         return all(l.state == "up" for l in self.links)
 
+    def shards_readable(self, shards) -> bool:
+        links = self.links
+        return all(links[s].state == "up" or links[s].readable for s in shards)
+
     def snapshot_ts(self, at):
         if at is None:
             return self.oracle.last, None
@@ -485,7 +506,7 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
         if error:
             return self.fail(ctx, error)
         groups = group_keys(keys, self.nshards)       # {shard: ([index], [key])}
-        if not self.shards_up(groups):
+        if not self.shards_readable(groups):
             return self.fail(ctx, unavailable("a shard is down or restarting"))
         if not groups:
             return self.reply(ctx, ts=S, values=[], versions=[])
@@ -515,7 +536,7 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
             end = pend if end is None else (end if pend is None else min(end, pend))
         if start is not None and end is not None and start >= end:
             return self.reply(ctx, ts=S, items=[], more=False)
-        if not self.all_up():
+        if not self.shards_readable(range(self.nshards)):
             return self.fail(ctx, unavailable("a shard is down or restarting"))
 
         def done(replies):
@@ -542,6 +563,18 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
                 "twopc": dict(self.twopc), "inflight": self.inflight,
                 "txn": dict(self.txn_outcomes),
                 "shards_up": {str(l.index): l.state == "up" for l in self.links}}
+
+
+def timestamps_needed(req: dict) -> int:
+    """How many commit timestamps a request may take (at most)."""
+    op = req["op"]
+    if op == "txn":
+        return 1 if req.get("writes") else 0
+    if op == "batch":
+        return len(req.get("txns") or ())
+    if op == "flush" or (op == "checkpoint" and req.get("action") == "create"):
+        return 1
+    return 0
 
 
 def main(argv=None) -> int:

@@ -4,10 +4,18 @@
 rewritten (temp file + fsync + rename + dir fsync) whenever the next ts would pass it,
 reserving RESERVE more at a time, so ts are strictly increasing and never reused across
 restarts and crashes at a cost of one fsync per RESERVE allocations.
+
+A full disk: the reservation is renewed when half of it is used, so a renewal that fails
+(ENOSPC) leaves the other half to hand out while it is retried every RETRY_EVERY
+allocations; only past the reservation does `next()` raise. `failure` says why the last
+renewal failed, and the router answers writes `unavailable` with it while `room_for`
+finds no room (reads need no new ts). A start that cannot write its reservation is not
+an error for the same reason: nothing is handed out until one succeeds.
 """
 import os
 
 RESERVE = 100_000
+RETRY_EVERY = 1_000
 
 
 class TimestampOracle:
@@ -16,6 +24,8 @@ class TimestampOracle:
         self.reserve = reserve
         self.last = 0            # last allocated ts (read snapshot for get/scan)
         self.reserved_upto = 0
+        self.renew_at = 0        # next() renews the reservation past this ts
+        self.failure = None      # why the last renewal failed; None when it did not
 
     def read_reserved(self) -> int:
         try:
@@ -27,16 +37,34 @@ class TimestampOracle:
     def start(self, floor: int = 0) -> int:
         """Begin after both the durable reservation and `floor` (max ts seen by shards)."""
         self.last = max(self.read_reserved(), int(floor))
-        self.reserved_upto = self.last
-        self.persist(self.last + self.reserve)
+        self.reserved_upto = self.renew_at = self.last
+        self.renew(self.last + 1)
         return self.last
 
     def next(self) -> int:
         ts = self.last + 1
-        if ts > self.reserved_upto:
-            self.persist(ts + self.reserve)
+        if ts > self.renew_at:
+            self.renew(ts)
+            if ts > self.reserved_upto:
+                raise OSError(self.failure)
         self.last = ts
         return ts
+
+    def renew(self, ts: int) -> None:
+        """Reserve up to ts + reserve; on failure note why and retry a little later."""
+        try:
+            self.persist(ts + self.reserve)
+        except OSError as exc:
+            self.failure = f"cannot reserve commit timestamps in {self.path}: {exc.strerror or exc}"
+            self.renew_at = min(ts + RETRY_EVERY, self.reserved_upto)
+            return
+        self.failure = None
+
+    def room_for(self, n: int) -> bool:
+        """Whether n more timestamps can be handed out (renewing now when they cannot)."""
+        if self.last + n > self.reserved_upto:
+            self.renew(self.last + 1)
+        return self.last + n <= self.reserved_upto
 
     def persist(self, upto: int) -> None:
         tmp = f"{self.path}.tmp"
@@ -53,3 +81,4 @@ class TimestampOracle:
         finally:
             os.close(dfd)
         self.reserved_upto = upto
+        self.renew_at = upto - self.reserve // 2

@@ -88,6 +88,10 @@ class CommitLog:
         self.closing_record = None
         self.meta: list = []              # [(key, value | None), ...] since the last sync
         self.syncs = 0
+        # The StorageWriteError of a failed sync: what it held is lost (the worker answers
+        # it `unavailable`), and RocksDB refuses writes until reopened, so every later
+        # sync raises it again instead of writing, or succeeding with nothing staged.
+        self.failed: Exception | None = None
         # A Packer of our own: msgpack.packb builds a new Packer per call (~0.4 us each,
         # measured); a flush packs its 2PC snapshot with this one too. One per log, so
         # engines used from different threads never share one.
@@ -102,6 +106,8 @@ class CommitLog:
 
     def sync(self) -> None:
         """Write everything staged as one WAL-on batch (fsynced in "fsync" mode)."""
+        if self.failed is not None:
+            raise self.failed
         if not (self.records or self.meta):
             return
         batch = self.storage.batch()
@@ -119,7 +125,11 @@ class CommitLog:
             else:
                 put("meta", key, value)
         self.meta = []
-        self.storage.write(batch, wal=True, sync=self.fsync)
+        try:
+            self.storage.write(batch, wal=True, sync=self.fsync)
+        except Exception as exc:
+            self.failed = exc
+            raise
         self.syncs += 1
 
     def replay(self, after_seq: int):

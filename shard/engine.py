@@ -21,7 +21,7 @@ from .config import EngineConfig
 from .errors import BadRequest, Blocked, Conflict, StorageMismatch, TooOld
 from .keycodec import MAX_TS, enc, split_version_key, untag, version_key
 from .mvcc import ABSENT, RowCache, newest_at
-from .storage import open_db
+from .storage import StorageWriteError, open_db
 
 _packb = msgpack.packb
 _NO_LOCK = (None,)
@@ -86,26 +86,35 @@ class ShardEngine:
         self.last_flush_monotonic = time.monotonic()
         self.last_flush_block_height = 0
         self.replayed_records = 0
+        self.read_only = False            # opened read-only (open(read_only=True)): no write
         self._writer = None
 
     # ------------------------------------------------------------------ open / close
     @classmethod
     def open(cls, path: str, shard_id: int, shard_count: int,
-             config: EngineConfig | None = None) -> "ShardEngine":
+             config: EngineConfig | None = None, read_only: bool = False) -> "ShardEngine":
         """Open or create the shard at `path`; recover from its log. Raises StorageMismatch
-        for a directory that belongs to another shard id / shard count."""
+        for a directory that belongs to another shard id / shard count.
+
+        read_only: open an existing shard without writing anything (storage.open_db), for
+        a full disk: reads work, and every write is refused (sync raises)."""
         config = config or EngineConfig()
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        storage = open_db(path, config.rocksdb)
+        if not read_only:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        storage = open_db(path, config.rocksdb, create=not read_only, read_only=read_only)
         try:
             engine = cls(storage, path, shard_id, shard_count, config)
+            engine.read_only = read_only
             engine._check_identity()
             engine._recover()
+            if config.flush_on_start and engine.replayed_records and not read_only:
+                engine.flush()
         except BaseException:
-            storage.close()
+            try:
+                storage.close()
+            except Exception:      # closing after a failed write fails too: keep the first error
+                pass
             raise
-        if config.flush_on_start and engine.replayed_records:
-            engine.flush()
         return engine
 
     def _check_identity(self) -> None:
@@ -115,6 +124,8 @@ class ShardEngine:
         if stored_id is None:
             if storage.last_key("data") is not None or storage.last_key("log") is not None:
                 raise StorageMismatch(f"{self.path}: has data but no shard identity; not a shardkv shard directory")
+            if self.read_only:
+                raise StorageMismatch(f"{self.path}: a new shard cannot be set up read-only")
             batch = storage.batch()
             batch.put("meta", cl.SHARD_ID, cl.pack_int(self.shard_id))
             batch.put("meta", cl.SHARD_COUNT, cl.pack_int(self.shard_count))
@@ -200,7 +211,8 @@ class ShardEngine:
         everything unflushed)."""
         if self.storage is None:
             return
-        self.log.sync()
+        if not self.read_only:
+            self.log.sync()
         if self._writer is not None and hasattr(self._writer, "close"):
             self._writer.close()
         self.storage.close()
@@ -208,6 +220,8 @@ class ShardEngine:
 
     def sync(self) -> None:
         """Write everything staged since the last sync in one WAL-on batch."""
+        if self.read_only and self.log.dirty:
+            raise StorageWriteError(f"{self.path}: opened read-only, nothing can be written")
         self.log.sync()
 
     # ------------------------------------------------------------------ lookups

@@ -51,6 +51,20 @@ class Blocked(EngineError):
         super().__init__(f"read blocked by prepared transaction(s) {self.txn_ids}")
 
 
+class Unavailable(EngineError):
+    """The shard cannot take this request now (its disk is full); nothing was applied.
+    `fields` go into the error map (read_only: the database is open read-only)."""
+    code = "unavailable"
+    retryable = True
+
+    def __init__(self, msg: str, **fields):
+        super().__init__(msg)
+        self.fields = fields
+
+    def to_error(self) -> dict:
+        return {**super().to_error(), **self.fields}
+
+
 class BadRequest(EngineError):
     code = "bad_request"
 

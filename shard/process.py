@@ -20,6 +20,9 @@ from shard import messages as m
 # Boot failed for a non-transient reason (a config or data error): the supervisor does not
 # respawn a child that exits with it (sysexits.h EX_CONFIG).
 EXIT_FATAL = 78
+# A write to a shard's database failed (disk full, I/O error): the shard answered what it
+# held and exited to be started again from its disk (sysexits.h EX_TEMPFAIL). Respawned.
+EXIT_STORAGE = 75
 
 # Loaded once, at import: set_parent_death_signal also runs as a preexec_fn (between fork
 # and exec, scripts/benchmarks/procs.py), where loading a library could deadlock on a lock

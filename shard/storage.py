@@ -14,6 +14,35 @@ from typing import Iterator, Protocol
 import rocksdict
 
 COLUMN_FAMILIES = ("data", "log", "meta")
+
+
+class StorageWriteError(Exception):
+    """A write to RocksDB failed: the disk is full, or an I/O error. RocksDB then refuses
+    every later write to that database until it is closed and opened again, so the
+    engine's in-memory state (already ahead of the failed write) can no longer be made
+    durable: the shard worker answers what it holds `unavailable` and restarts from disk.
+    `no_space`: the cause was ENOSPC/EDQUOT (nothing of the failed write can reach the
+    log then: a WAL append that ran out of space leaves a torn record, which recovery
+    drops)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.no_space = is_no_space(message)
+
+
+def is_no_space(message: str) -> bool:
+    return "No space left on device" in message or "Disk quota exceeded" in message
+
+
+def _failed(exc: Exception) -> Exception:
+    """rocksdict raises a plain Exception carrying RocksDB's status: an I/O error, or the
+    corruption a background job ran into, is a failed write; anything else (an invalid
+    argument, a TypeError) is a bug and stays as it is."""
+    if type(exc) is Exception and str(exc).startswith(("IO error", "Corruption")):
+        return StorageWriteError(str(exc))
+    return exc
+
+
 Row = tuple[str, bytes, "bytes | None"]     # (cf, key, value or None = delete)
 
 ROCKSDB_DEFAULTS = {
@@ -103,7 +132,10 @@ class RocksStorage:
         return self.cfs[cf].get(key)
 
     def put(self, cf: str, key: bytes, value: bytes, wal: bool = True, sync: bool = False) -> None:
-        self.cfs[cf].put(key, value, self._wopts[wal, sync])
+        try:
+            self.cfs[cf].put(key, value, self._wopts[wal, sync])
+        except Exception as exc:
+            raise _failed(exc) from exc
 
     def delete(self, cf: str, key: bytes, wal: bool = True, sync: bool = False) -> None:
         batch = self.batch()
@@ -151,7 +183,10 @@ class RocksStorage:
         return RocksBatch(self.handles)
 
     def write(self, batch: RocksBatch, wal: bool = True, sync: bool = False) -> None:
-        self._db.write(batch.wb, self._wopts[wal, sync])
+        try:
+            self._db.write(batch.wb, self._wopts[wal, sync])
+        except Exception as exc:
+            raise _failed(exc) from exc
 
     def write_batch(self, rows: list[Row], wal: bool) -> None:
         """Write rows as one atomic batch (the adaptive batch writer's sink)."""
@@ -162,7 +197,10 @@ class RocksStorage:
                 wb.delete(key, handles[cf])
             else:
                 wb.put(key, value, handles[cf])
-        self._db.write(wb, self._wopts[wal, False])
+        try:
+            self._db.write(wb, self._wopts[wal, False])
+        except Exception as exc:
+            raise _failed(exc) from exc
 
     def write_pairs(self, cf: str, keys: list[bytes], values: list[bytes], wal: bool) -> None:
         """Put keys[i] -> values[i] into one column family as one atomic batch.
@@ -172,18 +210,27 @@ class RocksStorage:
         wb = rocksdict.WriteBatch(raw_mode=True)
         wb.set_default_column_family(self.handles[cf])
         deque(map(wb.put, keys, values), maxlen=0)
-        self._db.write(wb, self._wopts[wal, False])
+        try:
+            self._db.write(wb, self._wopts[wal, False])
+        except Exception as exc:
+            raise _failed(exc) from exc
 
     # -- maintenance --------------------------------------------------------------------
     def flush(self, cfs: tuple[str, ...] = COLUMN_FAMILIES, wait: bool = True) -> None:
         """Write the memtables of these column families to SST files (durable) and wait;
         with wait=False only start it (RocksDB's background threads do the work)."""
-        for name in cfs:
-            self.cfs[name].flush(wait)
+        try:
+            for name in cfs:
+                self.cfs[name].flush(wait)
+        except Exception as exc:
+            raise _failed(exc) from exc
 
     def checkpoint(self, dest_dir: str) -> None:
         """A consistent copy of the whole database at dest_dir (hard links where possible)."""
-        rocksdict.Checkpoint(self._db).create_checkpoint(dest_dir)
+        try:
+            rocksdict.Checkpoint(self._db).create_checkpoint(dest_dir)
+        except Exception as exc:     # it flushes the memtables first: a failed write
+            raise _failed(exc) from exc
 
     def property_int(self, name: str, cf: str = "data") -> int:
         value = self.cfs[cf].property_int_value(name)
@@ -192,13 +239,19 @@ class RocksStorage:
     def close(self) -> None:
         if self._db is None:
             return
-        # Every column-family handle keeps the database (and its LOCK) alive: drop them all.
-        for cf in self.cfs.values():
-            cf.close()
+        # Every column-family handle keeps the database (and its LOCK) alive: drop them all,
+        # also when closing fails (after a failed write RocksDB's close reports that error
+        # again; the database is released once the last reference is gone).
+        db, cfs = self._db, list(self.cfs.values())
+        self._db = None
         self.cfs.clear()
         self.handles.clear()
-        self._db.close()
-        self._db = None
+        try:
+            for cf in cfs:
+                cf.close()
+            db.close()
+        except Exception as exc:
+            raise _failed(exc) from exc
 
 
 def _options(cfg: dict, cache: rocksdict.Cache) -> rocksdict.Options:
@@ -221,8 +274,14 @@ INFO_LOG_FILES_KEPT = 4          # RocksDB's LOG plus the newest LOG.old.* files
 INFO_LOG_MAX_BYTES = 16 << 20
 
 
-def open_db(path: str, rocksdb_cfg: dict | None = None, create: bool = True) -> RocksStorage:
-    """Open (or create) the shard database at `path`: the ONE place for RocksDB options."""
+def open_db(path: str, rocksdb_cfg: dict | None = None, create: bool = True,
+            read_only: bool = False) -> RocksStorage:
+    """Open (or create) the shard database at `path`: the ONE place for RocksDB options.
+
+    read_only: open without writing anything (RocksDB replays the WAL into memory only),
+    which works on a full disk where a read-write open cannot even write its new
+    MANIFEST; every write to it fails. An open that fails for want of space raises
+    StorageWriteError (no_space set); any other failure is raised as it is."""
     cfg = dict(ROCKSDB_DEFAULTS)
     cfg.update(rocksdb_cfg or {})
     if not create and not os.path.exists(os.path.join(path, "CURRENT")):
@@ -241,5 +300,11 @@ def open_db(path: str, rocksdb_cfg: dict | None = None, create: bool = True) -> 
     db_opts.set_keep_log_file_num(INFO_LOG_FILES_KEPT)
     db_opts.set_max_log_file_size(INFO_LOG_MAX_BYTES)
     column_families = {name: _options(cfg, cache) for name in COLUMN_FAMILIES}
-    db = rocksdict.Rdict(path, db_opts, column_families=column_families)
+    access = rocksdict.AccessType.read_only() if read_only else rocksdict.AccessType.read_write()
+    try:
+        db = rocksdict.Rdict(path, db_opts, column_families=column_families, access_type=access)
+    except Exception as exc:
+        if type(exc) is Exception and is_no_space(str(exc)):
+            raise StorageWriteError(str(exc)) from exc
+        raise
     return RocksStorage(db, path)

@@ -13,11 +13,19 @@ in (MAINTENANCE_PACE). Nothing is acknowledged or shown before the sync. Reads m
 a key prepared at or below their snapshot are deferred (the snapshot pinned) and retried
 after each commit_prepared/abort_prepared, until `router.read_wait_secs`, then answered
 `unavailable`.
+
+Disk full (README "Disk full"): below `[durability] min_free_bytes` free
+the shard refuses new writes and keeps serving reads (shard/diskspace.py); a write that
+fails anyway makes every reply of its pass `unavailable` and the process exit for a
+restart from disk (storage_failed); a shard whose database cannot be opened for writing
+for want of space opens it read-only and reopens it for writing once there is room.
 """
 import collections
+import errno
 import math
 import os
 import secrets
+import select
 import sys
 import time
 from bisect import bisect_left
@@ -27,12 +35,14 @@ import zmq
 from shard import messages as m
 from shard.busypoll import BusyPoller, busy_poll_secs
 from shard.config import EngineConfig
+from shard.diskspace import DiskGuard, free_bytes, mib, wal_bytes
 from shard.engine import ShardEngine
-from shard.errors import Blocked, BadRequest, Conflict, TooOld
+from shard.errors import Blocked, BadRequest, Conflict, TooOld, Unavailable
 from shard.histogram import Histogram, quantile
 from shard.link import POLLOUT, FrameListener
-from shard.process import (EXIT_FATAL, ProcessProfile, SignalPipe, SupervisorLink, load_malloc_trim,
-                           parse_spec, set_parent_death_signal, tune_gc)
+from shard.process import (EXIT_FATAL, EXIT_STORAGE, ProcessProfile, SignalPipe, SupervisorLink,
+                           load_malloc_trim, parse_spec, set_parent_death_signal, tune_gc)
+from shard.storage import StorageWriteError
 
 POLL_MS = 50              # idle poll timeout (timers run at least this often)
 FLUSH_WAIT_POLL_MS = 2    # poll timeout while a flush waits for RocksDB to write its SST
@@ -54,6 +64,18 @@ MALLOC_TRIM_SECS = 60.0
 # never reads (a stuck tool) meets it, and without it such a peer grew the shard's memory
 # by 100 KB per read of a 100 KB value, without bound.
 PEER_OUT_CAP = 64 << 20
+# A read-only shard (its disk too full to open the database for writing) tries to reopen
+# it for writing once the free space looks enough, then again after twice as long each
+# time it is still not (an attempt replays the whole log, twice).
+REOPEN_BACKOFF_SECS = (1.0, 60.0)
+# How long a shard whose disk write failed waits for its last replies to drain out.
+LAST_REPLIES_SECS = 2.0
+# storage_failed ends the process with this: no interpreter shutdown, whose close of
+# RocksDB would try to flush into the same error. (In-process tests replace it.)
+hard_exit = os._exit
+# Free space is measured this often (statvfs, ~1 us): at 50 ms a shard writing 100 MB/s
+# uses 5 MB of the reserve between two looks.
+DISK_CHECK_SECS = 0.05
 
 
 # ---------------------------------------------------------------- the worker
@@ -96,7 +118,7 @@ class ShardWorker:
         self.unblocked = False       # a commit_prepared/abort_prepared ran this pass
         self.deferred = []           # [Deferred]
         # maintenance jobs: at most one flush and one prune in progress
-        self.flush_job = None        # {"before": flush stats, "waiters": [(peer, reply-builder)]}
+        self.flush_job = None        # {"before": flush stats, "waiters": [(peer, rid, reply-builder)]}
         self.prune_job = None
         self.prune_queue: list = []       # [(keep, waiter)]: prunes asking another keep than the running one
         self.last_prune = time.monotonic()
@@ -109,14 +131,24 @@ class ShardWorker:
         self.next_stats = 0.0
         self.malloc_trim = load_malloc_trim()
         self.next_trim = time.monotonic() + MALLOC_TRIM_SECS
+        # disk full (module docstring)
+        min_free = int(self.config.get("durability", {}).get("min_free_bytes", 0))
+        self.guard = DiskGuard(self.path, min_free, self.shard)
+        self.read_only_reason = None      # set while the database is open read-only
+        self.read_only_cause = None       # ...and the error of the read-write open
+        self.next_reopen = 0.0
+        self.reopen_backoff = REOPEN_BACKOFF_SECS[0]
+        self.storage_error = None         # the StorageWriteError of this pass, if one failed
+        self.next_disk_check = 0.0
 
     # -- lifecycle
 
     def boot(self) -> None:
         self.status = SupervisorLink(self.ctx, self.run_dir, "shard", self.shard)
         try:
-            self.engine = ShardEngine.open(self.path, self.shard, self.shards,
-                                           EngineConfig.from_dict(self.config))
+            if os.path.isdir(self.path):
+                self.guard.check()         # before the open: its flush may not fit
+            self.engine = self.open_engine()
             # Built now, not at the first flush: a bad [batch_writer] or SHARDKV_ADAPT_*
             # value is then a boot error reported to the supervisor, not a traceback later.
             self.engine.writer
@@ -130,20 +162,62 @@ class ShardWorker:
         self.waiter = BusyPoller(self.poller, self.busy_poll_secs)
         self.poller.register(self.listener.fd, zmq.POLLIN)
         self.poller.register(self.signals.r, zmq.POLLIN)
-        if self.config.get("flush", {}).get("flush_on_start", True):
+        if self.config.get("flush", {}).get("flush_on_start", True) and not self.writes_refused:
             self.start_flush()
+        if self.writes_refused:
+            sys.stderr.write(f"{self.writes_refused}\n")
         self.status.send("ready")
+
+    def open_engine(self) -> ShardEngine:
+        """The engine, read-write; read-only when the disk is too full for RocksDB to open
+        the database for writing (it writes a new MANIFEST, and the log's rows to SST
+        files), so a shard on a full disk still serves reads. Low on space, the open does
+        not flush what it replays: its SST could take the last free bytes."""
+        config = EngineConfig.from_dict(self.config)
+        if self.guard.low:
+            config.flush_on_start = False
+        try:
+            engine = ShardEngine.open(self.path, self.shard, self.shards, config)
+        except StorageWriteError as exc:
+            if not exc.no_space:
+                raise
+            cause = exc
+        else:
+            self.read_only_reason = None
+            return engine
+        engine = ShardEngine.open(self.path, self.shard, self.shards, config, read_only=True)
+        self.read_only_cause = cause
+        self.read_only_reason = self.read_only_message(cause)
+        return engine
+
+    def reopen_needs(self) -> int:
+        """Free bytes a read-write open should find: twice the write-ahead log (RocksDB's
+        recovery writes its rows to SST files, then the engine flushes what it replays),
+        a MiB for RocksDB's new MANIFEST, OPTIONS and info LOG, and min_free_bytes."""
+        return self.guard.min_free + 2 * wal_bytes(self.path) + (1 << 20)
+
+    def read_only_message(self, cause) -> str:
+        need = self.reopen_needs()
+        return (f"shard {self.shard}: read-only: its disk is full, the database cannot be "
+                f"opened for writing ({cause}); reads are served, writes refused until about "
+                f"{mib(need)} are free on the file system of {self.path} "
+                f"({mib(free_bytes(self.path))} now; twice its write-ahead log, 1 MiB, and "
+                f"[durability] min_free_bytes); free space there, e.g. delete checkpoints you "
+                f"no longer need (`shardkv checkpoint delete NAME`)")
 
     def run(self) -> int:
         with ProcessProfile(f"shard{self.shard}"):
             self.boot()
             tune_gc()
-            while not self.stopping:
-                self.loop_pass()
-            self.shutdown()
-        return 0
+            try:
+                while not self.stopping:
+                    self.loop_pass()
+                return self.shutdown()
+            except StorageWriteError as exc:
+                self.storage_failed(exc)
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> int:
+        """Answer what waits, flush, close; the exit status (not 0 without the flush)."""
         for d in self.deferred:
             self.reply(d.peer, m.error(d.msg.get("rid"), "unavailable", "shard stopping", True))
             self.engine.unpin(d.pin)
@@ -151,12 +225,20 @@ class ShardWorker:
         self.finish_flush()
         self.engine.sync()
         self.send_replies()
-        self.engine.flush()
+        if self.writes_refused:
+            # A flush could take the last free bytes; the log holds every commit anyway.
+            sys.stderr.write(f"shard {self.shard}: stopping without a flush ({self.writes_refused}); "
+                             f"its commits replay from its log at the next start\n")
+            status = EXIT_STORAGE      # not 0: PROTOCOL.md's graceful stop flushes every shard
+        else:
+            self.engine.flush()
+            status = 0
         self.engine.close()
         for peer in list(self.peers.values()):
             peer.close()
         self.listener.close()
         self.status.close()
+        return status
 
     # -- the loop
 
@@ -186,6 +268,9 @@ class ShardWorker:
             if peer.closed:
                 self.drop_peer(peer)
         now = self.finish_pass()
+        if now >= self.next_disk_check:
+            self.next_disk_check = now + DISK_CHECK_SECS
+            self.check_disk()
         if self.background_pending and now >= self.maintenance_after:
             # One slice of background work, after this pass's replies are out, so it never
             # delays an acknowledgement (tail latency).
@@ -203,8 +288,11 @@ class ShardWorker:
 
     def finish_pass(self) -> float:
         """Group commit (one durable write for everything this pass staged), then every
-        reply of the pass; returns the time after the sync."""
+        reply of the pass; returns the time after the sync. A write of the pass that
+        failed (a handler's) stops it here too, before any reply goes out."""
         self.engine.sync()
+        if self.storage_error is not None:
+            raise self.storage_error
         now = time.monotonic()
         if self.durable_waits:
             self.observe_durable(now)
@@ -266,8 +354,15 @@ class ShardWorker:
         if handler is None:
             self.reply(peer, m.error(rid, "bad_request", f"unknown op {op!r}"))
             return
+        if self.storage_error is not None:
+            # A write of this pass failed (storage_failed answers it all): run nothing more.
+            self.reply(peer, m.error(rid, "unavailable", "not run: a disk write failed", True))
+            return
         try:
             result = handler(peer, msg, received)
+        except StorageWriteError as exc:
+            self.storage_error = exc          # the loop's sync raises it again: storage_failed
+            self.reply(peer, m.error(rid, "unavailable", str(exc), True))
         except Exception as exc:
             self.reply(peer, self.error_reply(rid, op, exc))
         else:
@@ -285,6 +380,11 @@ class ShardWorker:
                            False, horizon=exc.horizon)
         if isinstance(exc, BadRequest):
             return m.error(rid, "bad_request", str(exc))
+        if isinstance(exc, Unavailable):
+            return m.error(rid, "unavailable", str(exc), True, **exc.fields)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # a file of its own (a checkpoint's manifest), not the database: retry later
+            return m.error(rid, "unavailable", f"shard {self.shard}: {op}: {exc}", True)
         if isinstance(exc, (KeyError, TypeError, ValueError, AttributeError, OverflowError)):
             return m.error(rid, "bad_request", f"malformed {op}: {exc!r}")
         self.counts["error"] += 1     # a bug: answer it, never crash the shard
@@ -340,12 +440,16 @@ class ShardWorker:
         return m.ok(msg["rid"])
 
     def handle_commit(self, peer, msg, received):
+        if self.writes_refused and msg["writes"]:
+            raise Unavailable(self.writes_refused)
         self.engine.commit(m.int_field(msg, "ts"), msg["reads"], msg["writes"])
         self.counts["committed"] += 1
         self.durable_waits.append(received)
         return m.ok(msg["rid"])
 
     def handle_prepare(self, peer, msg, received):
+        if self.writes_refused:
+            raise Unavailable(self.writes_refused)
         self.engine.prepare(m.int_field(msg, "txn"), m.int_field(msg, "ts"), msg["reads"], msg["writes"],
                             list(msg["participants"]))
         self.twopc["prepared"] += 1
@@ -353,14 +457,20 @@ class ShardWorker:
         return m.ok(msg["rid"])
 
     def handle_commit_prepared(self, peer, msg, received):
-        self.engine.commit_prepared(m.int_field(msg, "txn"), m.int_field(msg, "ts"))
+        txn = m.int_field(msg, "txn")
+        if self.read_only_reason and txn not in self.engine.outcomes:
+            raise Unavailable(self.read_only_reason, read_only=True)
+        self.engine.commit_prepared(txn, m.int_field(msg, "ts"))
         self.counts["committed"] += 1
         self.twopc["committed"] += 1
         self.unblocked = True
         return m.ok(msg["rid"])
 
     def handle_abort_prepared(self, peer, msg, received):
-        self.engine.abort_prepared(m.int_field(msg, "txn"))
+        txn = m.int_field(msg, "txn")
+        if self.read_only_reason and txn in self.engine.prepared_txns:
+            raise Unavailable(self.read_only_reason, read_only=True)
+        self.engine.abort_prepared(txn)
         self.twopc["aborted"] += 1
         self.unblocked = True
         return m.ok(msg["rid"])
@@ -373,9 +483,13 @@ class ShardWorker:
         results = []
         append = results.append
         durable = 0
+        refused = self.writes_refused
         for item in msg["items"]:
             try:
                 kind = item[0]
+                if refused and self.refuses_item(item):
+                    append({"code": "unavailable", "message": refused, "retryable": True})
+                    continue
                 if kind == m.ITEM_COMMIT:
                     engine.commit(item[1], item[2], item[3])
                     counts["committed"] += 1
@@ -405,6 +519,8 @@ class ShardWorker:
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
                 append({"code": "bad_request", "message": f"malformed txns item: {exc!r}",
                         "retryable": False})
+            except StorageWriteError:
+                raise
             except Exception as exc:  # a bug: answer it, never crash the shard
                 counts["error"] += 1
                 append({"code": "internal", "message": f"{type(exc).__name__}: {exc}",
@@ -412,6 +528,22 @@ class ShardWorker:
         if durable:
             self.durable_waits.append((received, durable))
         return m.ok(msg["rid"], results=results)
+
+    def refuses_item(self, item) -> bool:
+        """While writes are refused: whether this `txns` item is one of them. A commit that
+        writes and a prepare are; a commit_prepared or abort_prepared only when the
+        database is read-only and the step would change this shard (low on space they
+        still run: a prepared txn holds its keys until it is decided here)."""
+        kind = item[0]
+        if kind == m.ITEM_COMMIT:
+            return bool(item[3])
+        if kind == m.ITEM_PREPARE:
+            return True
+        if self.read_only_reason is None:
+            return False
+        if kind == m.ITEM_COMMIT_PREPARED:
+            return item[1] not in self.engine.outcomes
+        return item[1] in self.engine.prepared_txns
 
     def handle_recover_info(self, peer, msg, received):
         prepared = [dict(p) for p in self.engine.prepared()]
@@ -431,27 +563,35 @@ class ShardWorker:
         # outcome record can still be needed (records left by a router that died between
         # the last commit ack and its forget would otherwise stay forever).
         txns = self.engine.outcome_txns() if msg.get("all") else msg["txns"]
-        self.engine.forget([m.wire_int(t, "txns item") for t in txns])
+        txns = [m.wire_int(t, "txns item") for t in txns]
+        if self.read_only_reason and any(t in self.engine.outcomes for t in txns):
+            raise Unavailable(self.read_only_reason, read_only=True)
+        self.engine.forget(txns)
         return m.ok(msg["rid"])
 
     def handle_block(self, peer, msg, received):
         height = m.int_field(msg, "height")
         current = self.engine.stats().get("block_height", 0)
         if height != current:  # equal = a retry after a partial failure elsewhere: idempotent
+            if self.writes_refused:
+                raise Unavailable(self.writes_refused)
             self.engine.set_block(height)
         rid = msg["rid"]
-        if self.flush_job is None and self.engine.should_flush(time.monotonic()):
+        if (self.flush_job is None and not self.writes_refused
+                and self.engine.should_flush(time.monotonic())):
             self.start_flush()
-            self.flush_job["waiters"].append((peer, lambda res: m.ok(rid, flushed=True)))
+            self.flush_job["waiters"].append((peer, rid, lambda res: m.ok(rid, flushed=True)))
             return None
         return m.ok(rid, flushed=False)
 
     def handle_flush(self, peer, msg, received):
         # The router sends this behind a commit barrier: freeze now so the cut is this point.
+        if self.writes_refused:
+            raise Unavailable(self.writes_refused)
         self.finish_flush()
         self.start_flush()
         rid = msg["rid"]
-        self.flush_job["waiters"].append((peer, lambda res: m.ok(rid, **res)))
+        self.flush_job["waiters"].append((peer, rid, lambda res: m.ok(rid, **res)))
         return None
 
     def handle_prune(self, peer, msg, received):
@@ -459,10 +599,12 @@ class ShardWorker:
         keep = self.keep_versions if keep is None else m.int_field(msg, "keep_versions")
         if keep < 1:
             raise BadRequest("keep_versions must be >= 1")
+        if self.writes_refused:
+            raise Unavailable(self.writes_refused)
         if self.prune_job is None:
             self.start_prune(keep)
         rid = msg["rid"]
-        waiter = (peer, lambda removed: m.ok(rid, versions_removed=removed))
+        waiter = (peer, rid, lambda removed: m.ok(rid, versions_removed=removed))
         if self.prune_job["keep"] == keep:
             self.prune_job["waiters"].append(waiter)
         else:
@@ -472,11 +614,102 @@ class ShardWorker:
         return None
 
     def handle_checkpoint(self, peer, msg, received):
+        if self.writes_refused:     # RocksDB flushes every memtable to make one
+            raise Unavailable(self.writes_refused)
         result = self.engine.create_checkpoint(msg["dir"], m.int_field(msg, "ts"))
         return m.ok(msg["rid"], bytes=int(result.get("bytes", 0)))
 
     def handle_stats(self, peer, msg, received):
         return m.ok(msg["rid"], **self.snapshot())
+
+    # -- disk full
+
+    @property
+    def writes_refused(self) -> str | None:
+        """Why this shard takes no writes now (read-only, or low on space), else None."""
+        return self.read_only_reason or (self.guard.reason if self.guard.low else None)
+
+    def check_disk(self) -> None:
+        """Measure the free space; log when the shard starts or stops refusing writes."""
+        turned = self.guard.check()
+        if turned:
+            sys.stderr.write(turned + "\n")
+
+    def reopen_for_writes(self, now: float) -> None:
+        """Read-only -> read-write, once the free space covers what the open writes
+        (reopen_needs). Reads waiting on a prepared key are answered `unavailable` (their
+        pins belong to the engine closed here). The state is the same before and after
+        (both are what the disk holds), so the incarnation stays."""
+        if free_bytes(self.path) < self.reopen_needs():
+            self.next_reopen = now + REOPEN_BACKOFF_SECS[0]
+            self.read_only_reason = self.read_only_message(self.read_only_cause)   # figures of now
+            return
+        for d in self.deferred:
+            self.reply(d.peer, m.error(d.msg.get("rid"), "unavailable", "shard reopening its database", True))
+        self.deferred = []
+        self.send_replies()
+        self.engine.close()
+        self.engine = None
+        self.engine = self.open_engine()
+        if self.read_only_reason:
+            self.next_reopen = now + self.reopen_backoff
+            self.reopen_backoff = min(self.reopen_backoff * 2, REOPEN_BACKOFF_SECS[1])
+            sys.stderr.write(f"shard {self.shard}: still read-only; next try in {self.reopen_backoff:.0f}s\n")
+            return
+        self.reopen_backoff = REOPEN_BACKOFF_SECS[0]
+        sys.stderr.write(f"shard {self.shard}: database reopened for writing: taking writes again\n")
+
+    def storage_failed(self, exc: StorageWriteError):
+        """A write to the database failed (disk full, or an I/O error). RocksDB refuses every
+        write from now until the database is reopened, and this pass's changes (made in
+        memory at call time) cannot be made durable: every reply of the pass says
+        `unavailable` instead of what it said, since none of it is acknowledged (with a
+        full disk none of it reached the log: a txn's outcome is `aborted`; after another
+        I/O error it may have, so `unknown`), and so are the requests that wait here
+        (deferred reads, flushes, prunes) and those already sent but not yet read. Then
+        the process exits (EXIT_STORAGE) for the supervisor to start the shard again from
+        what is on disk; on a full disk that one opens read-only (open_engine)."""
+        lost = not exc.no_space
+        why = (f"shard {self.shard}: a write to its disk failed ({exc}); "
+               + ("nothing of this request was applied" if not lost else "its outcome is unknown")
+               + "; the shard restarts from its disk")
+        waiting = [(peer, reply.get("rid")) for peer, replies in self.out.items() for reply in replies]
+        waiting += [(d.peer, d.msg.get("rid")) for d in self.deferred]
+        for job in (self.flush_job, self.prune_job):
+            if job is not None:
+                waiting += [(peer, rid) for peer, rid, _ in job["waiters"]]
+        waiting += [(peer, rid) for _, (peer, rid, _) in self.prune_queue]
+        self.out.clear()
+        for peer, rid in waiting:
+            self.reply(peer, m.error(rid, "unavailable", why, True, lost=lost))
+        not_run = f"shard {self.shard}: not run: a write to its disk failed ({exc}); the shard restarts"
+        for peer in list(self.peers.values()):     # sent, not read: surely not applied
+            if not peer.backlogged:
+                for frame in peer.read_frames():
+                    self.answer_unread(peer, frame, not_run)
+        self.send_replies()
+        deadline = time.monotonic() + LAST_REPLIES_SECS
+        for peer in list(self.peers.values()):
+            writable = select.poll()
+            writable.register(peer.fd, select.POLLOUT)
+            while peer.outbuf and not peer.closed and time.monotonic() < deadline:
+                writable.poll(max(1, int((deadline - time.monotonic()) * 1000)))
+                peer.flush_out()
+        sys.stderr.write(f"shard {self.shard}: a write to its disk failed: {exc}; "
+                         f"{len(waiting)} request(s) answered unavailable, not acknowledged; "
+                         f"exiting to restart from what is on disk\n")
+        sys.stderr.flush()
+        hard_exit(EXIT_STORAGE)
+
+    def answer_unread(self, peer, frame: bytes, why: str) -> None:
+        try:
+            msg = m.unpack(frame)
+        except Exception:
+            return
+        msgs = msg.get("msgs") if isinstance(msg, dict) and msg.get("op") == m.MULTI else [msg]
+        for sub in msgs if isinstance(msgs, list) else ():
+            if isinstance(sub, dict) and "rid" in sub:
+                self.reply(peer, m.error(sub["rid"], "unavailable", why, True))
 
     # -- deferred reads
 
@@ -514,6 +747,8 @@ class ShardWorker:
             result = handler(d.peer, d.msg, 0.0, retry=True)
         except Blocked:
             self.deferred.append(d)
+        except StorageWriteError:
+            raise
         except Exception as exc:
             self.reply(d.peer, self.error_reply(d.msg.get("rid"), d.msg.get("op"), exc))
         else:
@@ -541,7 +776,7 @@ class ShardWorker:
         result = {"flush_ts": after.get("last_flush_ts", 0),
                   "keys": after.get("keys_flushed", 0) - before.get("keys_flushed", 0),
                   "bytes": after.get("bytes_flushed", 0) - before.get("bytes_flushed", 0)}
-        for peer, build in job["waiters"]:
+        for peer, _rid, build in job["waiters"]:
             self.reply(peer, build(result))
 
     def start_prune(self, keep: int) -> None:
@@ -556,7 +791,7 @@ class ShardWorker:
         job, self.prune_job = self.prune_job, None
         removed = self.engine.stats().get("prune", {}).get("versions_removed", 0) - job["before"]
         self.unblocked = True  # the horizon moved: deferred reads may now be too old
-        for peer, build in job["waiters"]:
+        for peer, _rid, build in job["waiters"]:
             self.reply(peer, build(removed))
         if self.prune_queue:      # the next keep asked for, with every request asking it
             keep = self.prune_queue[0][0]
@@ -599,9 +834,12 @@ class ShardWorker:
             self.malloc_trim(0)
         if os.getppid() != self.parent:
             self.stopping = True            # the supervisor died
-        if self.flush_job is None and self.engine.should_flush(time.monotonic()):
+        if self.read_only_reason and now >= self.next_reopen:
+            self.reopen_for_writes(now)     # once the disk looks roomy enough
+        refused = self.writes_refused       # no auto-flush or auto-prune: both write
+        if self.flush_job is None and not refused and self.engine.should_flush(time.monotonic()):
             self.start_flush()
-        if (self.prune_job is None and self.auto_prune_secs > 0
+        if (self.prune_job is None and self.auto_prune_secs > 0 and not refused
                 and now - self.last_prune >= self.auto_prune_secs):
             self.start_prune(self.keep_versions)
         self.tps_samples.append((now, self.counts["committed"]))
@@ -630,6 +868,12 @@ class ShardWorker:
             "latency_p90_ms": quantile(lat, 0.90) * 1000,
             "latency_p99_ms": quantile(lat, 0.99) * 1000,
             "deferred_reads": len(self.deferred),
+            "disk": {"free_bytes": self.guard.free, "min_free_bytes": self.guard.min_free,
+                     "writes": ("read_only" if self.read_only_reason
+                                else "low_space" if self.guard.low else "ok"),
+                     "writes_refused": int(self.writes_refused is not None),
+                     "read_only": int(self.read_only_reason is not None),
+                     "refused": self.writes_refused or ""},
             "peers": len(self.peers),
             "peers_backlogged": sum(1 for p in self.peers.values() if p.backlogged),
         })

@@ -84,6 +84,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "durability": {
         "mode": Key(str, "wal", one_of("wal", "fsync")),
+        "min_free_bytes": Key(int, 134217728, at_least(0)),     # 0 = no free-space guard
     },
     "flush": {
         "interval_secs": Key(NUMBER, 10, positive),

@@ -296,6 +296,12 @@ _SHARD_GAUGES = (
     ("shardkv_rocksdb_memtable_bytes", ("rocksdb", "memtable_bytes"), "RocksDB rocksdb.cur-size-all-mem-tables."),
     ("shardkv_rocksdb_block_cache_bytes", ("rocksdb", "block_cache_bytes"),
      "RocksDB rocksdb.block-cache-usage (one cache per shard, at most [rocksdb] block_cache_bytes)."),
+    ("shardkv_disk_free_bytes", ("disk", "free_bytes"),
+     "Bytes free on the file system of the shard's directory."),
+    ("shardkv_shard_writes_refused", ("disk", "writes_refused"),
+     "1 while the shard refuses writes for want of disk space ([durability] min_free_bytes, or read-only)."),
+    ("shardkv_shard_read_only", ("disk", "read_only"),
+     "1 while the shard's database is open read-only (the disk was too full to open it for writing)."),
 )
 
 # Counters from a shard's carried-over totals: (metric, key, help).

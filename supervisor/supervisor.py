@@ -21,7 +21,7 @@ import time
 import msgpack
 import zmq
 
-from shard.process import EXIT_FATAL
+from shard.process import EXIT_FATAL, EXIT_STORAGE
 from supervisor import datadir, observability, restore, rundir
 from supervisor.children import Child, describe_exit, exit_code
 
@@ -312,6 +312,8 @@ class Supervisor:
             self.halt(f"{child.name} {how} before it ever became ready; see its log above")
         else:
             delay = child.schedule_respawn(time.monotonic())
+            if exit_code(status) == EXIT_STORAGE:
+                why = "a write to its disk failed; the new one opens its database from disk"
             why = why or ("" if was_ready else "it died while booting")
             log.info("restarting %s in %.1fs (restart #%d)%s", child.name, delay,
                      child.restarts + 1, f" ({why})" if why else "")

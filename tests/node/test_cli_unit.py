@@ -90,3 +90,12 @@ def test_node_row_uses_the_routers_end_to_end_figures():
     assert node_row[3] == "25.0", "node TPS counts each transaction once, not once per shard"
     assert node_row[4] == "75.0%"
     assert node_row[5:8] == ["0.40", "0.60", "1.50"]
+
+
+def test_stats_say_why_a_shard_refuses_writes():
+    refused = "shard 1: disk nearly full: 1.0 MiB free ..."
+    shards = [{"shard": 0, "disk": {"writes": "ok", "refused": ""}},
+              {"shard": 1, "disk": {"writes": "low_space", "refused": refused}}]
+    text = cli.format_stats({"node": {}, "shards": shards})
+    assert text.splitlines()[-1] == refused and text.count("disk nearly full") == 1
+    assert "disk" not in cli.format_stats({"node": {}, "shards": shards[:1]})

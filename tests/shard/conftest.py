@@ -39,8 +39,8 @@ def booted_worker(tmp_path, monkeypatch):
     run_dir.mkdir()
     booted = []
 
-    def _boot(config: dict) -> ShardWorker:
-        w = ShardWorker({"shard": 0, "shards": 1, "data_dir": str(tmp_path / "data"),
+    def _boot(config: dict, data_dir=None) -> ShardWorker:
+        w = ShardWorker({"shard": 0, "shards": 1, "data_dir": str(data_dir or tmp_path / "data"),
                          "run_dir": str(run_dir), "config": config})
         w.boot()
         booted.append(w)
