@@ -161,6 +161,7 @@ class Router(TxnCoordinator, ShardRecovery, AdminOps):
             self.client.setsockopt(zmq.SNDHWM, 0)
             self.client.setsockopt(zmq.RCVHWM, 100_000)
             self.client.bind(self.listen)
+            self.oracle.read_reserved()      # damaged: a boot failure naming the file
         except Exception as exc:
             sys.stderr.write(f"router: cannot boot: {exc}\n")
             self.status.fatal(f"router: {type(exc).__name__}: {exc}")

@@ -28,11 +28,23 @@ class TimestampOracle:
         self.failure = None      # why the last renewal failed; None when it did not
 
     def read_reserved(self) -> int:
+        """The durable reservation (0 without a file). A file that does not hold one
+        number (the writer replaces it whole, so only damage makes one) raises ValueError
+        naming it: the router used to fail on it in a callback, never became ready, and
+        the node halted after boot_timeout_secs saying only that the router was late."""
         try:
-            with open(self.path) as f:
-                return int(f.read().strip() or 0)
+            with open(self.path, "rb") as f:
+                raw = f.read(64)
         except FileNotFoundError:
             return 0
+        text = raw.decode("ascii", errors="replace").strip()
+        if not text.isdigit():
+            raise ValueError(
+                f"{self.path} is damaged (holds {raw[:32]!r}): it records the highest commit "
+                f"timestamp ever reserved, so that none is handed out twice; write into it a "
+                f"number above every commit_ts your clients have seen (the highest one plus "
+                f"{RESERVE} is safe), or restore a checkpoint")
+        return int(text)
 
     def start(self, floor: int = 0) -> int:
         """Begin after both the durable reservation and `floor` (max ts seen by shards)."""

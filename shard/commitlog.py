@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import msgpack
 
+from .damage import ADVICE, DamagedDatabase
 from .keycodec import be64, from_be64
 
 # meta keys
@@ -74,6 +75,28 @@ def pack_int(n: int) -> bytes:
 
 def unpack(raw: bytes | None, default=None):
     return default if raw is None else msgpack.unpackb(raw)
+
+
+def meta_value(storage, key: bytes, default, check, path: str):
+    """A meta row, decoded and checked (check(value) -> bool), or `default` when absent.
+    A row that does not decode or is not what it should be is damage, refused with its
+    name: recovery used to fail with a bare msgpack "FormatError", or start with a block
+    height of "abc" and answer every later block `bad_request`."""
+    raw = storage.get("meta", key)
+    if raw is None:
+        return default
+    try:
+        value = msgpack.unpackb(raw)
+    except Exception as exc:
+        value = exc
+    if isinstance(value, Exception) or not check(value):
+        raise DamagedDatabase(f"{path}: meta row {key.decode(errors='replace')!r} is damaged "
+                              f"(holds {raw[:40]!r}); {ADVICE}")
+    return value
+
+
+def is_count(value) -> bool:
+    return type(value) is int and value >= 0
 
 
 class CommitLog:
@@ -136,7 +159,14 @@ class CommitLog:
         """Yield (seq, [record, ...]) for every log row with seq > after_seq."""
         for key, raw in self.storage.iterate("log", start=be64(after_seq + 1)):
             seq = from_be64(key)
-            yield seq, msgpack.unpackb(raw)
+            try:
+                records = msgpack.unpackb(raw)
+            except Exception as exc:
+                records = exc
+            if type(records) is not list:
+                raise DamagedDatabase(f"{self.storage.path}: commit-log row {seq} is damaged "
+                                      f"(holds {raw[:40]!r}); {ADVICE}")
+            yield seq, records
 
     def truncate(self, upto_seq: int) -> None:
         """Delete log rows with seq <= upto_seq (they are flushed)."""

@@ -18,6 +18,7 @@ import msgpack
 from . import commitlog as cl
 from .commitlog import CommitLog
 from .config import EngineConfig
+from .damage import ADVICE, DamagedDatabase
 from .errors import BadRequest, Blocked, Conflict, StorageMismatch, TooOld
 from .keycodec import MAX_TS, enc, split_version_key, untag, version_key
 from .mvcc import ABSENT, RowCache, newest_at
@@ -119,8 +120,8 @@ class ShardEngine:
 
     def _check_identity(self) -> None:
         storage = self.storage
-        stored_id = cl.unpack(storage.get("meta", cl.SHARD_ID))
-        stored_count = cl.unpack(storage.get("meta", cl.SHARD_COUNT))
+        stored_id = cl.meta_value(storage, cl.SHARD_ID, None, cl.is_count, self.path)
+        stored_count = cl.meta_value(storage, cl.SHARD_COUNT, None, cl.is_count, self.path)
         if stored_id is None:
             if storage.last_key("data") is not None or storage.last_key("log") is not None:
                 raise StorageMismatch(f"{self.path}: has data but no shard identity; not a shardkv shard directory")
@@ -139,13 +140,15 @@ class ShardEngine:
     def _recover(self) -> None:
         """Read meta, restore prepared txns and outcomes, replay the log after flushed_seq.
         Nothing from `data` is loaded: restart time does not depend on keys on disk."""
-        get = self.storage.get
-        flushed_seq = cl.unpack(get("meta", cl.FLUSHED_SEQ), 0)
-        self.block_height = cl.unpack(get("meta", cl.BLOCK), 0)
-        self.horizon = cl.unpack(get("meta", cl.HORIZON), 0)
-        self.live_keys = cl.unpack(get("meta", cl.LIVE_KEYS), 0)
-        self.max_ts = cl.unpack(get("meta", cl.MAX_TS), 0)
-        last = cl.unpack(get("meta", cl.LAST_FLUSH), None)
+        def meta(key, default=0, check=cl.is_count):
+            return cl.meta_value(self.storage, key, default, check, self.path)
+        flushed_seq = meta(cl.FLUSHED_SEQ)
+        self.block_height = meta(cl.BLOCK)
+        self.horizon = meta(cl.HORIZON)
+        self.live_keys = meta(cl.LIVE_KEYS)
+        self.max_ts = meta(cl.MAX_TS)
+        last = meta(cl.LAST_FLUSH, None, lambda v: isinstance(v, dict) and all(
+            type(v.get(f)) in (int, float) for f in ("ts", "block", "at")))
         if last:
             self.flush_stats["last_flush_ts"] = last["ts"]
             self.flush_stats["last_flush_block"] = last["block"]
@@ -154,22 +157,35 @@ class ShardEngine:
         self.log = CommitLog(self.storage, max(flushed_seq, 0), self.config.fsync)
         self.log.last_seq = max(flushed_seq, self.log.newest_seq())
         self.log.closing_record = lambda: (cl.LIVE_KEYS_AFTER, self.live_keys)
-        for key, raw in self.storage.iterate("meta", prefix=cl.PREPARED_PREFIX):
-            ts, reads, writes, participants = msgpack.unpackb(raw)
-            self._lock_prepared(cl.txn_of(key, cl.PREPARED_PREFIX), ts, reads, writes, participants)
-            self.max_ts = max(self.max_ts, ts)
-        for key, raw in self.storage.iterate("meta", prefix=cl.OUTCOME_PREFIX):
-            self.outcomes[cl.txn_of(key, cl.OUTCOME_PREFIX)] = msgpack.unpackb(raw)
-        for _seq, records in self.log.replay(flushed_seq):
-            for record in records:
-                if type(record[0]) is int:
-                    ts, writes = record
-                    self._apply(ts, writes)
-                    if ts > self.max_ts:
-                        self.max_ts = ts
-                    self.replayed_records += 1
-                else:
-                    self._replay_2pc(record)
+        where = None
+        try:
+            for key, raw in self.storage.iterate("meta", prefix=cl.PREPARED_PREFIX):
+                where = f"meta row {key!r}"
+                ts, reads, writes, participants = msgpack.unpackb(raw)
+                self._lock_prepared(cl.txn_of(key, cl.PREPARED_PREFIX), ts, reads, writes, participants)
+                self.max_ts = max(self.max_ts, ts)
+            for key, raw in self.storage.iterate("meta", prefix=cl.OUTCOME_PREFIX):
+                where = f"meta row {key!r}"
+                commit_ts = msgpack.unpackb(raw)
+                if not cl.is_count(commit_ts):
+                    raise ValueError(f"commit ts {commit_ts!r}")
+                self.outcomes[cl.txn_of(key, cl.OUTCOME_PREFIX)] = commit_ts
+            for seq, records in self.log.replay(flushed_seq):
+                where = f"commit-log row {seq}"
+                for record in records:
+                    if type(record[0]) is int:
+                        ts, writes = record
+                        self._apply(ts, writes)
+                        if ts > self.max_ts:
+                            self.max_ts = ts
+                        self.replayed_records += 1
+                    else:
+                        self._replay_2pc(record)
+        except (DamagedDatabase, StorageMismatch):
+            raise
+        except Exception as exc:      # a row that decodes but is not what it should be
+            raise DamagedDatabase(f"{self.path}: {where} is damaged ({type(exc).__name__}: {exc}); "
+                                  f"{ADVICE}") from exc
 
     def _replay_2pc(self, record) -> None:
         """Apply one 2PC log record (or the live-key count closing a row) at recovery.

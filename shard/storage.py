@@ -13,6 +13,9 @@ from typing import Iterator, Protocol
 
 import rocksdict
 
+from . import damage
+from .damage import DamagedDatabase
+
 COLUMN_FAMILIES = ("data", "log", "meta")
 
 
@@ -88,6 +91,16 @@ class Storage(Protocol):
     def close(self) -> None: ...
 
 
+def _check_stopped(it) -> None:
+    """An iterator that is no longer valid reached the end, or failed to read (a damaged
+    SST block: RocksDB stops there). A damaged block used to read as the end of the
+    data: its keys answered as absent, and a txn that read one as version 0 committed."""
+    try:
+        it.status()
+    except Exception as exc:
+        raise DamagedDatabase(f"{exc}; {damage.ADVICE}") from exc
+
+
 class RocksBatch:
     """A rocksdict WriteBatch addressed by column family name."""
     __slots__ = ("wb", "_handles")
@@ -122,6 +135,7 @@ class RocksStorage:
     def __init__(self, db: rocksdict.Rdict, path: str):
         self.path = path
         self._db = db
+        self.recovery_note = None   # open_db: a torn log tail it recovered past, to log
         self.cfs = {name: db.get_column_family(name) for name in COLUMN_FAMILIES}
         self.handles = {name: db.get_column_family_handle(name) for name in COLUMN_FAMILIES}
         # WriteOptions objects are reused: the commit path writes thousands of batches/s.
@@ -151,6 +165,8 @@ class RocksStorage:
             found = it.key()
             if found.startswith(prefix):
                 return found, it.value()
+            return None
+        _check_stopped(it)
         return None
 
     def iterate(self, cf: str, start: bytes | None = None, stop: bytes | None = None,
@@ -172,11 +188,15 @@ class RocksStorage:
                 return
             yield key, it.value()
             it.next()
+        _check_stopped(it)
 
     def last_key(self, cf: str) -> bytes | None:
         it = self.cfs[cf].iter()
         it.seek_to_last()
-        return it.key() if it.valid() else None
+        if it.valid():
+            return it.key()
+        _check_stopped(it)
+        return None
 
     # -- batches ------------------------------------------------------------------------
     def batch(self) -> RocksBatch:
@@ -284,16 +304,40 @@ def open_db(path: str, rocksdb_cfg: dict | None = None, create: bool = True,
     StorageWriteError (no_space set); any other failure is raised as it is."""
     cfg = dict(ROCKSDB_DEFAULTS)
     cfg.update(rocksdb_cfg or {})
-    if not create and not os.path.exists(os.path.join(path, "CURRENT")):
-        raise FileNotFoundError(f"{path}: no RocksDB database here")
+    if not os.path.exists(os.path.join(path, "CURRENT")):
+        if not create:
+            raise FileNotFoundError(f"{path}: no RocksDB database here")
+        damage.check_current(path)
+    note = None
+    try:
+        db = _rdict(path, cfg, create, read_only, "tolerate_corrupted_tail_records")
+    except Exception as exc:
+        if type(exc) is not Exception:
+            raise
+        if is_no_space(str(exc)):
+            raise StorageWriteError(str(exc)) from exc
+        if "No such file or directory" in str(exc):
+            raise DamagedDatabase(f"{path}: a file of the database is missing ({exc}); "
+                                  f"{damage.ADVICE}") from exc
+        if not str(exc).startswith("Corruption"):
+            raise
+        # Damage in a log: a torn tail (a crash) is recovered, anything before it refused.
+        note = damage.tail_or_refuse(path, exc, lambda mode: _latest_seq(path, cfg, mode))
+        db = _rdict(path, cfg, create, read_only, "point_in_time")
+    storage = RocksStorage(db, path)
+    storage.recovery_note = note
+    return storage
+
+
+def _rdict(path: str, cfg: dict, create: bool, read_only: bool, recovery: str) -> rocksdict.Rdict:
     cache = rocksdict.Cache(int(cfg["block_cache_bytes"]))
     db_opts = _options(cfg, cache)
     db_opts.create_if_missing(create)
     db_opts.create_missing_column_families(True)
     db_opts.set_max_background_jobs(int(cfg["max_background_jobs"]))
-    # Commit-log records are WAL-protected; after a crash, recover up to the last intact
-    # record instead of refusing to open (a torn tail is an unacknowledged write).
-    db_opts.set_wal_recovery_mode(rocksdict.DBRecoveryMode.point_in_time())
+    # Commit-log records are WAL-protected. A log cut short by a crash opens (its torn
+    # record was never acknowledged); other damage is for shard/damage.py to judge.
+    db_opts.set_wal_recovery_mode(getattr(rocksdict.DBRecoveryMode, recovery)())
     # RocksDB's info LOG starts a new file at every open and keeps the old ones (1000 by
     # default). A shard that restarts often (the soak SIGKILLs one every 30 s) grew its
     # directory by 4-12 MB a restart, all of it old LOGs: keep a few, each capped.
@@ -301,10 +345,13 @@ def open_db(path: str, rocksdb_cfg: dict | None = None, create: bool = True,
     db_opts.set_max_log_file_size(INFO_LOG_MAX_BYTES)
     column_families = {name: _options(cfg, cache) for name in COLUMN_FAMILIES}
     access = rocksdict.AccessType.read_only() if read_only else rocksdict.AccessType.read_write()
+    return rocksdict.Rdict(path, db_opts, column_families=column_families, access_type=access)
+
+
+def _latest_seq(path: str, cfg: dict, recovery: str) -> int:
+    """RocksDB's latest sequence number after a read-only open in this recovery mode."""
+    db = _rdict(path, cfg, False, True, recovery)
     try:
-        db = rocksdict.Rdict(path, db_opts, column_families=column_families, access_type=access)
-    except Exception as exc:
-        if type(exc) is Exception and is_no_space(str(exc)):
-            raise StorageWriteError(str(exc)) from exc
-        raise
-    return RocksStorage(db, path)
+        return db.latest_sequence_number()
+    finally:
+        db.close()

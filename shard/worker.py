@@ -35,6 +35,7 @@ import zmq
 from shard import messages as m
 from shard.busypoll import BusyPoller, busy_poll_secs
 from shard.config import EngineConfig
+from shard.damage import DamagedDatabase
 from shard.diskspace import DiskGuard, free_bytes, mib, wal_bytes
 from shard.engine import ShardEngine
 from shard.errors import Blocked, BadRequest, Conflict, TooOld, Unavailable
@@ -140,6 +141,7 @@ class ShardWorker:
         self.reopen_backoff = REOPEN_BACKOFF_SECS[0]
         self.storage_error = None         # the StorageWriteError of this pass, if one failed
         self.next_disk_check = 0.0
+        self.damage_reported = set()      # DamagedDatabase messages already logged
 
     # -- lifecycle
 
@@ -164,6 +166,8 @@ class ShardWorker:
         self.poller.register(self.signals.r, zmq.POLLIN)
         if self.config.get("flush", {}).get("flush_on_start", True) and not self.writes_refused:
             self.start_flush()
+        if self.engine.storage.recovery_note:
+            sys.stderr.write(f"shard {self.shard}: {self.engine.storage.recovery_note}\n")
         if self.writes_refused:
             sys.stderr.write(f"{self.writes_refused}\n")
         self.status.send("ready")
@@ -387,6 +391,10 @@ class ShardWorker:
             return m.error(rid, "unavailable", f"shard {self.shard}: {op}: {exc}", True)
         if isinstance(exc, (KeyError, TypeError, ValueError, AttributeError, OverflowError)):
             return m.error(rid, "bad_request", f"malformed {op}: {exc!r}")
+        if isinstance(exc, DamagedDatabase):      # a damaged SST block: say so in the log too
+            if len(self.damage_reported) < 100 and str(exc) not in self.damage_reported:
+                self.damage_reported.add(str(exc))
+                sys.stderr.write(f"shard {self.shard}: {op}: {exc}\n")
         self.counts["error"] += 1     # a bug: answer it, never crash the shard
         return m.error(rid, "internal", f"{type(exc).__name__}: {exc}")
 

@@ -111,10 +111,19 @@ def read_node_file(data_dir: str) -> dict | None:
         return None
     except (OSError, ValueError) as exc:
         raise DataDirError(f"{path} is unreadable ({exc}); it records the shard count "
-                           f"of this data dir and must be repaired by hand") from None
+                           f"of this data dir and must be repaired by hand{repair_hint(data_dir)}") from None
     if not isinstance(node, dict) or not isinstance(node.get("shards"), int):
-        raise DataDirError(f"{path} has no integer \"shards\" field")
+        raise DataDirError(f"{path} has no integer \"shards\" field{repair_hint(data_dir)}")
     return node
+
+
+def repair_hint(data_dir: str) -> str:
+    """How to write NODE.json again, from the shard directories there."""
+    shards = shard_dirs(data_dir)
+    if not shards:
+        return ""
+    return (f": with {len(shards)} shard directories here (shard-{shards[0]}..shard-{shards[-1]}) "
+            f"it reads {{\"shards\": {len(shards)}}}")
 
 
 def check_shard_count(data_dir: str, shards: int) -> None:
@@ -131,7 +140,8 @@ def check_shard_count(data_dir: str, shards: int) -> None:
     if existing:
         raise DataDirError(f"data dir {data_dir} holds shard directories "
                            f"{', '.join(f'shard-{i}' for i in existing)} but no {NODE_FILE}; "
-                           f"refusing to guess its shard count")
+                           f"refusing to guess its shard count (if it was lost, write it again"
+                           f"{repair_hint(data_dir)})")
 
 
 def record_shard_count(data_dir: str, shards: int) -> None:

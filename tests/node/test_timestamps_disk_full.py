@@ -1,7 +1,8 @@
 """The commit_ts reservation on a full disk (node/timestamps.py), its file on a real tmpfs
 (skipped where mounting one is not permitted) that a filler fills: the oracle keeps
 handing out what it reserved while the renewal fails, never a ts above what its file
-holds, and the router refuses the writes it cannot cover `unavailable` (reads need no ts)."""
+holds, the router refuses the writes it cannot cover `unavailable` (reads need no ts),
+and a damaged file is refused at start with its name."""
 import pytest
 
 from node import timestamps
@@ -52,3 +53,9 @@ def test_the_router_refuses_writes_it_has_no_timestamps_for(inproc_router, tmpfs
     (disk / "filler").unlink()
     assert not r.refused_for_timestamps("txn", {"op": "txn", "writes": [[b"k", b"v"]]})
 
+
+@pytest.mark.parametrize("content", [b"12x\n", b"", b"\x00\x00\x00"])
+def test_a_damaged_reservation_file_is_refused_by_name(tmp_path, content):
+    (tmp_path / "timestamp").write_bytes(content)
+    with pytest.raises(ValueError, match="timestamp is damaged"):
+        TimestampOracle(str(tmp_path / "timestamp")).read_reserved()
