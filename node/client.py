@@ -417,7 +417,9 @@ class Client:
                   prefix: Key | None = None, page: int = 1000,
                   at: int | None = None) -> Iterator[tuple[bytes, bytes, int]]:
         """Every matching item, paging through one snapshot (the first page's ts, or
-        `at`), so the whole iteration sees one consistent state."""
+        `at`), so the whole iteration sees one consistent state. The node does not hold
+        that snapshot between pages: a prune that passes it (an auto-prune too) makes
+        the next page raise TooOld, never return other data."""
         cursor = as_bytes(start) if start is not None else None
         while True:
             result = self.scan(cursor, end, prefix, page, at)
