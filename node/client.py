@@ -417,7 +417,9 @@ class Client:
                   prefix: Key | None = None, page: int = 1000,
                   at: int | None = None) -> Iterator[tuple[bytes, bytes, int]]:
         """Every matching item, paging through one snapshot (the first page's ts, or
-        `at`), so the whole iteration sees one consistent state."""
+        `at`), so the whole iteration sees one consistent state. The node does not hold
+        that snapshot between pages: a prune that passes it (an auto-prune too) makes
+        the next page raise TooOld, never return other data."""
         cursor = as_bytes(start) if start is not None else None
         while True:
             result = self.scan(cursor, end, prefix, page, at)
@@ -463,13 +465,22 @@ class Client:
     def run_transaction(self, fn: Callable[["Transaction"], T], attempts: int = 10,
                         backoff: float = 0.01) -> T:
         """Run fn(tx) in a fresh transaction and commit it, running it again (bounded) on
-        a conflict, or when a read or the commit certainly had no effect. A commit whose
-        outcome is unknown (a Timeout, or Unavailable with outcome "unknown") is raised,
-        not run again: it may have committed, and a read-modify-write run twice applies
-        twice (the caller decides, e.g. by reading what it wrote)."""
+        a conflict, or when a read or the commit certainly had no effect: also when a
+        prune passed the snapshot the transaction reads at (its later reads answer
+        too_old; a new run reads a new snapshot). A commit whose outcome is unknown (a
+        Timeout, or Unavailable with outcome "unknown") is raised, not run again: it may
+        have committed, and a read-modify-write run twice applies twice (the caller
+        decides, e.g. by reading what it wrote)."""
         def once() -> T:
             tx = Transaction(self)
-            out = fn(tx)
+            try:
+                out = fn(tx)
+            except TooOld as exc:
+                # too_old is final for the request (the same read at the same snapshot
+                # stays too_old), not for the transaction: nothing was written
+                if tx.snapshot_pruned:
+                    exc.retryable = True
+                raise
             try:
                 tx.commit()
             except Unavailable as exc:
@@ -503,6 +514,7 @@ class Transaction:
     writes: dict[bytes, bytes | None] = field(default_factory=dict)
     commit_ts: int | None = None
     finished: bool = False      # commit() was called: a later get/put/delete raises
+    snapshot_pruned: bool = False   # a read at `snapshot` answered too_old (a prune passed it)
 
     def _check_open(self) -> None:
         if self.finished:
@@ -518,7 +530,11 @@ class Transaction:
         keys = [as_bytes(k) for k in keys]
         wanted = [k for k in keys if k not in self.writes]
         if wanted:
-            result = self.client.get(wanted, at=self.snapshot)
+            try:
+                result = self.client.get(wanted, at=self.snapshot)
+            except TooOld:
+                self.snapshot_pruned = self.snapshot is not None
+                raise
             self.snapshot = result.ts
             for k, version in zip(wanted, result.versions):
                 self.reads[k] = version

@@ -91,6 +91,29 @@ def test_run_transaction_retries_conflicts_from_concurrent_increments(kv, cluste
     assert kv.get(b"n").value == str(per_thread * threads).encode()
 
 
+def test_run_transaction_runs_again_when_a_prune_passed_its_snapshot(kv, cluster):
+    """A transaction's later reads are at the snapshot of its first one; a prune that
+    passes it (an auto-prune on a busy node) makes the next read too_old. Nothing was
+    written, so run_transaction runs fn again at a new snapshot: it raised TooOld."""
+    kv.txn(writes={b"rt/a": b"1", b"rt/b": b"2"})
+    runs = []
+    with Client(cluster.endpoint, timeout=10) as other:
+        def add(tx: Transaction):
+            runs.append(tx)
+            a = int(tx.get(b"rt/a"))
+            if len(runs) == 1:       # between the first run's reads: b moves on, a prune passes
+                other.put(b"rt/b", b"3")
+                other.put(b"rt/b", b"4")
+                other.prune(keep_versions=1)
+            tx.put(b"rt/sum", str(a + int(tx.get(b"rt/b"))))
+        kv.run_transaction(add, attempts=3, backoff=0.001)
+    assert len(runs) == 2 and runs[1].snapshot > runs[0].snapshot
+    assert kv.get(b"rt/sum").value == b"5"
+    with pytest.raises(TooOld) as info:      # the same read, as a request, stays too_old
+        kv.get(b"rt/b", at=runs[0].snapshot)
+    assert not info.value.retryable
+
+
 def test_batch_results_in_order_and_later_entries_see_earlier(kv):
     results = kv.batch([{"writes": {b"x": b"1"}},
                         {"reads": {b"x": 0}, "writes": {b"y": b"1"}},     # x exists now: conflict

@@ -2,7 +2,11 @@
 
 Model: {key: [(ts, value | None), ...]} ts ascending. Random sequences of commits (with
 current or stale read versions), deletes, snapshot reads at past ts, scans, flushes,
-prunes, checkpoint + restore and close/reopen must agree with it.
+prunes (whole, or left running a few steps between the other rules, as the worker runs
+them), pinned snapshots (a deferred read's), checkpoint + restore and close/reopen must
+agree with it. A read or scan answers as the model at every snapshot at or above the
+engine's horizon (exactly at it too) and at every pinned one, and TooOld below it; the
+horizon never passes what the prunes so far allow.
 """
 import copy
 import shutil
@@ -42,7 +46,9 @@ class EngineVsModel(FlushRules):
         self.model = {}
         self.ts = 0                  # the last ts handed out (a conflict uses one up)
         self.committed_ts = 0
-        self.horizon = 0
+        self.horizon = 0             # the engine's horizon never goes below this...
+        self.horizon_cap = 0         # ...nor above this: what the running prune allows
+        self.pins = []               # pinned snapshots (deferred reads), one entry per pin
         self.checkpoint = None
 
     def teardown(self):
@@ -54,10 +60,12 @@ class EngineVsModel(FlushRules):
         return model_at(self.model.get(key, []), self.ts)[1]
 
     @rule(writes=st.lists(st.tuples(keys_st, values_st), min_size=1, max_size=3),
-          read_keys=st.lists(keys_st, max_size=2), stale=st.booleans())
-    def commit(self, writes, read_keys, stale):
+          read_keys=st.lists(keys_st, max_size=2), stale=st.booleans(), gap=st.integers(1, 3))
+    def commit(self, writes, read_keys, stale, gap):
         reads = [(k, self.current(k) + (1 if stale else 0)) for k in read_keys]
-        self.ts += 1
+        # a shard sees gaps between its ts (the other shards' commits take them): a
+        # horizon one past a dropped version is then not the kept version above it
+        self.ts += gap
         if stale and reads:
             try:
                 self.engine.commit(self.ts, reads, writes)
@@ -72,23 +80,39 @@ class EngineVsModel(FlushRules):
             self.model.setdefault(key, []).append((self.ts, value))
         self.engine.sync()
 
-    @rule(data=st.data())
-    def read_past(self, data):
-        at = data.draw(st.integers(0, self.ts + 1))
-        if at < self.horizon:
+    @rule(txns=st.lists(st.tuples(st.lists(st.tuples(keys_st, values_st), min_size=1, max_size=2),
+                                  st.integers(1, 3)), min_size=2, max_size=5))
+    def commit_several(self, txns):
+        # blind writes, several per rule: the reads, prunes and pins need keys with
+        # version chains longer than `keep`, which one commit per rule rarely built
+        for writes, gap in txns:
+            self.ts += gap
+            self.engine.commit(self.ts, [], writes)
+            self.committed_ts = self.ts
+            for key, value in dict(writes).items():
+                self.model.setdefault(key, []).append((self.ts, value))
+        self.engine.sync()
+
+    def readable(self, at) -> bool:
+        return at >= self.engine.horizon or at in self.pins
+
+    def check_read(self, at):
+        if not self.readable(at):
             try:
                 self.engine.read(KEYS, at)
             except TooOld:
                 return
-            raise AssertionError(f"read at {at} below horizon {self.horizon} answered")
+            raise AssertionError(f"read at {at} below horizon {self.engine.horizon} answered")
         got = self.engine.read(KEYS, at)
         assert got == [model_at(self.model.get(k, []), at) for k in KEYS], at
 
-    @rule(data=st.data(), limit=st.integers(1, 7))
-    def scan(self, data, limit):
-        at = data.draw(st.integers(self.horizon, self.ts + 1))
-        start = data.draw(st.one_of(st.none(), keys_st))
-        end = data.draw(st.one_of(st.none(), keys_st))
+    def check_scan(self, at, start=None, end=None, limit=len(KEYS)):
+        if not self.readable(at):
+            try:
+                self.engine.scan(start, end, limit, at)
+            except TooOld:
+                return
+            raise AssertionError(f"scan at {at} below horizon {self.engine.horizon} answered")
         live = []
         for key in sorted(self.model):
             if (start is None or key >= start) and (end is None or key < end):
@@ -96,18 +120,74 @@ class EngineVsModel(FlushRules):
                 if value is not None:
                     live.append((key, value, version))
         items, more = self.engine.scan(start, end, limit, at)
-        assert items == live[:limit] and more == (len(live) > limit)
+        assert items == live[:limit] and more == (len(live) > limit), at
+
+    @rule(data=st.data())
+    def read_past(self, data):
+        self.check_read(data.draw(st.integers(0, self.ts + 1)))
+
+    @rule()
+    def read_at_horizon_edges_and_pins(self):
+        # a running prune moves the horizon: the engine's, not a copy taken at the last prune
+        horizon = self.engine.horizon
+        for at in {horizon, max(horizon - 1, 0), 0, *self.pins}:
+            self.check_read(at)
+            self.check_scan(at)
+
+    @rule(data=st.data(), limit=st.integers(1, 7))
+    def scan(self, data, limit):
+        at = data.draw(st.one_of(st.integers(self.engine.horizon, self.ts + 1),
+                                 st.sampled_from(self.pins or [0])))
+        self.check_scan(at, data.draw(st.one_of(st.none(), keys_st)),
+                        data.draw(st.one_of(st.none(), keys_st)), limit)
+
+    @rule(data=st.data())
+    def pin(self, data):
+        # the worker pins a read's snapshot when it defers it, which it can only at or
+        # above the horizon (or at a snapshot pinned already)
+        at = data.draw(st.one_of(st.integers(self.engine.horizon, self.ts + 1),
+                                 st.sampled_from(self.pins or [self.ts])))
+        self.engine.pin(at)
+        self.pins.append(at)
+
+    @precondition(lambda self: self.pins)
+    @rule(data=st.data())
+    def unpin(self, data):
+        self.engine.unpin(self.pins.pop(data.draw(st.integers(0, len(self.pins) - 1))))
+
+    def allow_prune(self, keep):
+        """A prune step may drop up to all but the `keep` newest versions of a chain: the
+        horizon may then reach the ts of the keep-th newest (not beyond it: the engine
+        may keep one more version per key, the newest row on disk, until the next flush +
+        prune, so its horizon may lag the model's, never lead it)."""
+        for chain in self.model.values():
+            if len(chain) > keep:
+                self.horizon_cap = max(self.horizon_cap, chain[-keep][0])
 
     @rule(keep=st.integers(1, 3))
     def prune(self, keep):
+        if self.engine.prune_job is not None:
+            self.allow_prune(self.engine.prune_job.keep)   # prune() finishes it first
+        else:
+            self.horizon_cap = self.engine.horizon
+        self.allow_prune(keep)
         self.engine.prune(keep)
-        model_horizon = self.horizon
-        for chain in self.model.values():
-            if len(chain) > keep:
-                model_horizon = max(model_horizon, chain[-keep][0])
-        # The engine may keep one more version per key (the newest row on disk) until the
-        # next flush + prune, so its horizon may lag the model's, never lead it.
-        assert self.horizon <= self.engine.horizon <= model_horizon
+        self.check_horizon()
+
+    @rule(keep=st.integers(1, 3), steps=st.integers(1, 3))
+    def prune_partly(self, keep, steps):
+        # the worker runs a prune a step per loop pass, with requests in between
+        if self.engine.prune_job is None:
+            self.horizon_cap = self.engine.horizon
+            self.engine.start_prune(keep)
+        for _ in range(steps):
+            self.allow_prune(self.engine.prune_job.keep)
+            if self.engine.prune_step():
+                break
+        self.check_horizon()
+
+    def check_horizon(self):
+        assert self.horizon <= self.engine.horizon <= self.horizon_cap
         self.horizon = self.engine.horizon
 
     @rule()
@@ -115,13 +195,17 @@ class EngineVsModel(FlushRules):
         self.engine.close()
         self.engine = ShardEngine.open(self.path, 0, 1, CONFIG)
         assert self.engine.max_ts == self.committed_ts
+        # the horizon is durable (a read below it after a restart must not answer)
+        assert self.engine.horizon == self.horizon
+        self.pins = []                  # a restart answers every deferred read
 
     @rule()
     def take_checkpoint(self):
         dest = f"{self.tmp}/ck{self.ts}"
         if self.checkpoint is None or self.checkpoint[0] != dest:
             self.engine.create_checkpoint(dest, self.ts)
-            self.checkpoint = (dest, copy.deepcopy(self.model), self.committed_ts, self.horizon)
+            self.checkpoint = (dest, copy.deepcopy(self.model), self.committed_ts,
+                               self.engine.horizon)
 
     @precondition(lambda self: self.checkpoint is not None)
     @rule()
@@ -131,7 +215,8 @@ class EngineVsModel(FlushRules):
         restore_shard(dest, self.path)
         self.engine = ShardEngine.open(self.path, 0, 1, CONFIG)
         self.model, self.horizon = copy.deepcopy(model), horizon
-        assert self.engine.max_ts == ts
+        self.pins = []
+        assert self.engine.max_ts == ts and self.engine.horizon == horizon
         self.committed_ts = ts          # self.ts stays: commit ts never go back
 
     @invariant()
@@ -141,5 +226,5 @@ class EngineVsModel(FlushRules):
             assert self.engine.stats()["keys"] == live
 
 
-EngineVsModel.TestCase.settings = settings(max_examples=60, stateful_step_count=30)
+EngineVsModel.TestCase.settings = settings(max_examples=60, stateful_step_count=50)
 test_engine_matches_model = EngineVsModel.TestCase
