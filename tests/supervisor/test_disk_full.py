@@ -20,6 +20,7 @@ import psutil
 import pytest
 import zmq
 
+from node.router import shard_of
 from supervisor_harness import NodeProcess, free_port, http_get, metric, wait_for, write_config
 from tests.tmpfs import fill, free_bytes
 
@@ -185,8 +186,13 @@ def test_below_min_free_the_node_refuses_writes_serves_reads_and_resumes(tmp_pat
         before, t0 = cpu_seconds(node), time.monotonic()
         wait_for(lambda: time.monotonic() - t0 >= 2.0, 3, "two idle seconds", interval=0.1)
         assert cpu_seconds(node) - before < 0.8
-        # space freed: writes resume, nothing acknowledged is missing
+        # space freed: writes resume, nothing acknowledged is missing. The checkpoints made
+        # while filling go too, as README advises: they pin SST files that compaction
+        # replaced, and with them held the flush and checkpoint below could take the
+        # freed filler's room again, so that the stop would find the disk low once more.
         (disk / "filler").unlink()
+        for checkpoint in wire.call("checkpoint", action="list")["checkpoints"]:
+            assert wire.call("checkpoint", action="delete", name=checkpoint["name"])["ok"]
         wait_committed(wire)
         ledger.check(wire)
         assert wire.call("flush")["ok"] and wire.call("checkpoint", action="create")["ok"]
@@ -218,16 +224,29 @@ def test_a_failed_disk_write_restarts_the_shard_read_only_until_space_is_freed(t
             return reply if reply["ok"] else None
         reply = wait_for(readable, 15, "reads to be served while the disk is full", interval=0.2)
         assert reply["versions"] == [ledger.acked[k][1] for k in list(ledger.acked)[:50]]
-        reply = wire.call("txn", writes=[[b"refused", b"x"]])
+        # Both shards may fail their first restart's writes too (one's read-write open can
+        # find the room the other's failure left, then fail again): counted when settled.
+        def settled():
+            shards = wire.call("stats").get("shards", [])
+            states = [s.get("disk", {}).get("writes") for s in shards if s.get("up")]
+            return states if len(states) == 2 and "read_only" in states else None
+        states = wait_for(settled, 15, "both shards up, one at least read-only", interval=0.2)
+        # a write to a read-only shard is refused, aborted, saying why
+        read_only_shard = states.index("read_only")
+        key = next(k for k in (b"refused-%d" % i for i in range(1000)) if shard_of(k, 2) == read_only_shard)
+        reply = wire.call("txn", writes=[[key, b"x"]])
+        assert not reply["ok"], reply
         assert reply["error"]["code"] == "unavailable" and reply["error"]["outcome"] == "aborted"
         assert "read-only" in reply["error"]["message"]
         text = http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1]
         restarts = [metric(text, f'shardkv_shard_restarts_total{{shard="{i}"}}') for i in (0, 1)]
-        assert max(restarts) == 1.0 and node.proc.poll() is None
-        # space freed: each shard reopens its database for writing (no restart)
+        assert 1.0 <= max(restarts) <= 3.0 and node.proc.poll() is None     # no restart loop
+        # space freed: each read-only shard reopens its database for writing (no restart)
         (disk / "filler").unlink()
         wait_committed(wire)
-        node.wait_log("database reopened for writing", count=restarts.count(1.0))
+        node.wait_log("database reopened for writing", count=states.count("read_only"))
+        wait_for(lambda: all(s["disk"]["writes"] == "ok" for s in wire.call("stats")["shards"]), 15,
+                 "every shard to take writes again", interval=0.2)
         ledger.check(wire)
         text = http_get(f"http://127.0.0.1:{metrics_port}/metrics")[1]
         assert [metric(text, f'shardkv_shard_restarts_total{{shard="{i}"}}') for i in (0, 1)] == restarts
