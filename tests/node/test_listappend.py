@@ -11,6 +11,8 @@ with optionally SHARDKV_LISTAPPEND_SEED, _KILL_EVERY (ops between kills, 600), _
 _KEYS (12), _CLIENTS (4), _FLUSH_SECS (auto-flush interval, 0.5), _ADMIN (the share
 of ops that are flushes and checkpoint creates, 0.002), _PRUNE=1 (prunes among them) and
 _PAUSES=N (SIGSTOP/SIGCONT of a shard among the faults, N times as likely as others).
+The run also ends after _MAX_OPS ops (default 1,000 per key): memory grows with the square
+of the appends per key, so a long run needs more _KEYS, not only more _SECS.
 """
 import os
 import random
@@ -174,9 +176,14 @@ def test_long_list_append_with_kills(make_cluster):
     workload = Workload(cluster.endpoint, shards, keys=env("KEYS", 12), clients=env("CLIENTS", 4),
                         seed=seed, admin=env("ADMIN", 0.002, float), prune=bool(env("PRUNE", 0))).start()
     end = time.monotonic() + env("SECS", 0, float)
+    # Bounded in ops too: every value is its key's whole list, and the history keeps each
+    # read's list and the final walk each version's, so memory grows with the square of
+    # the appends per key (12 keys and ~60,000 ops took 24 GB and the OOM killer). For
+    # longer runs raise _KEYS with _SECS; _MAX_OPS overrides the cap.
+    max_ops = env("MAX_OPS", 1000 * env("KEYS", 12))
     faults = 0
     try:
-        while time.monotonic() < end:
+        while time.monotonic() < end and workload.recorder.ops < max_ops:
             workload.wait_ops(env("KILL_EVERY", 600), timeout=120)
             fault(cluster, workload, rng.choice(
                 [*range(shards), "router", "router", ("router", rng.randrange(shards))]
