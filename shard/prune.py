@@ -6,9 +6,16 @@ iterating the old list). Memory versions are newer than disk versions, so keepin
 newest of the resident ones is the same choice as over the whole chain.
 Phase 2 (disk): walk the `data` column family `step_keys` user keys at a time; for each
 key merge the resident and on-disk version ts, choose the survivors, and delete the
-other rows in one WAL-on batch (never the newest disk row of a key, and never while a
-flush is unfinished: see _prune_disk) that also records the raised horizon (so a crash never
-leaves rows deleted below an old horizon).
+other rows in one WAL-on batch (never the newest disk row of a key unless it is a
+tombstone, and never while a flush is unfinished: see _prune_disk) that also records the
+raised horizon (so a crash never leaves rows deleted below an old horizon).
+
+Tombstones: a survivor that is a delete with no survivor below it reads exactly as no
+row at all (a read of a deleted key answers (None, 0), the same as a key never written),
+so it goes too, with every row below it in the same batch (a delete never goes without
+what it deleted: the key cannot come back). A deleted key's rows thus leave the disk
+entirely once a flush and a prune have seen the delete: a store that creates and
+deletes keys all the time does not grow, and scans do not walk dead keys.
 
 Survivors: the `keep` newest plus, for every pinned snapshot, the newest version at or
 below it (mvcc.keep_set). Horizon: the oldest snapshot at which every key still reads as
@@ -19,8 +26,8 @@ from __future__ import annotations
 import time
 
 from . import commitlog as cl
-from .keycodec import split_version_key
-from .mvcc import horizon_after, keep_set
+from .keycodec import TOMBSTONE, split_version_key
+from .mvcc import ABSENT, horizon_after, keep_set
 
 _AFTER_ALL_VERSIONS = b"\xff" * 9     # enc(key) + this sorts after every version of key
 
@@ -80,20 +87,21 @@ class PruneJob:
 
     # -- phase 2 -----------------------------------------------------------------------
     def _disk_groups(self):
-        """(prefix, user key, [(vkey, ts), ...] newest first) per key, from the cursor."""
+        """(prefix, user key, [(vkey, ts, is a tombstone), ...] newest first) per key,
+        from the cursor."""
         storage = self.engine.storage
         start = None if self.disk_cursor is None else self.disk_cursor + _AFTER_ALL_VERSIONS
         prefix = None
         group = []
         user_key = None
-        for vkey, _ in storage.iterate("data", start=start):
+        for vkey, value in storage.iterate("data", start=start):
             p = vkey[:-8]
             if p != prefix:
                 if group:
                     yield prefix, user_key, group
                 prefix, group = p, []
                 user_key = split_version_key(vkey)[0]
-            group.append((vkey, split_version_key(vkey)[1]))
+            group.append((vkey, split_version_key(vkey)[1], value == TOMBSTONE))
         if group:
             yield prefix, user_key, group
 
@@ -112,21 +120,31 @@ class PruneJob:
                 chain = memtable.get(key) if memtable is not None else None
                 if chain:
                     mem.update(ts for ts, _ in chain)
-            ts_all = sorted(mem.union(ts for _, ts in group), reverse=True)
-            if len(ts_all) > keep:
-                kept = keep_set(ts_all, keep, pins)
-                # Never drop a key's newest disk row: after a crash the log replays the
-                # resident versions on top of it, and their live/deleted accounting
-                # (live_keys) needs the version just below them.
-                kept.add(group[0][1])
-                lost = 0
-                for vkey, ts in group:
-                    if ts not in kept:
-                        batch.delete("data", vkey)
-                        lost += 1
-                if lost:
-                    deleted += lost
-                    horizon = max(horizon, horizon_after(ts_all, kept))
+            ts_all = sorted(mem.union(ts for _, ts, _ in group), reverse=True)
+            kept = keep_set(ts_all, keep, pins) if len(ts_all) > keep else set(ts_all)
+            # Never drop a key's newest live disk row: after a crash the log replays the
+            # resident versions on top of it, and their live/deleted accounting
+            # (live_keys) needs the version just below them (a tombstone there counts
+            # the same as no row, so the oldest-tombstone rule below may drop it).
+            kept.add(group[0][1])
+            dropped = [vkey for vkey, ts, _ in group if ts not in kept]
+            if dropped:
+                horizon = max(horizon, horizon_after(ts_all, kept))
+            # Memory versions are newer than disk rows, so the oldest survivors are disk
+            # rows (newest first in `group`): drop them while they are tombstones. The
+            # horizon stays: a read below a dropped tombstone answered "absent" before
+            # and still does.
+            for vkey, ts, is_tombstone in reversed(group):
+                if ts not in kept:
+                    continue
+                if not is_tombstone:
+                    break
+                dropped.append(vkey)
+                if ts == group[0][1]:
+                    engine.cache.update_if_present(key, ABSENT)
+            for vkey in dropped:
+                batch.delete("data", vkey)
+            deleted += len(dropped)
             if seen >= self.step_keys:
                 break
         else:

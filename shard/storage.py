@@ -46,6 +46,24 @@ def _failed(exc: Exception) -> Exception:
     return exc
 
 
+class _WriteFailures:
+    """`with _WRITING:` around a RocksDB call that writes (a batch, a flush, a checkpoint,
+    a close) turns the I/O error it raises into StorageWriteError; other errors pass."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, Exception):
+            failed = _failed(exc)
+            if failed is not exc:
+                raise failed from exc
+        return False
+
+
+_WRITING = _WriteFailures()
+
+
 Row = tuple[str, bytes, "bytes | None"]     # (cf, key, value or None = delete)
 
 ROCKSDB_DEFAULTS = {
@@ -146,10 +164,8 @@ class RocksStorage:
         return self.cfs[cf].get(key)
 
     def put(self, cf: str, key: bytes, value: bytes, wal: bool = True, sync: bool = False) -> None:
-        try:
+        with _WRITING:
             self.cfs[cf].put(key, value, self._wopts[wal, sync])
-        except Exception as exc:
-            raise _failed(exc) from exc
 
     def delete(self, cf: str, key: bytes, wal: bool = True, sync: bool = False) -> None:
         batch = self.batch()
@@ -203,10 +219,8 @@ class RocksStorage:
         return RocksBatch(self.handles)
 
     def write(self, batch: RocksBatch, wal: bool = True, sync: bool = False) -> None:
-        try:
+        with _WRITING:
             self._db.write(batch.wb, self._wopts[wal, sync])
-        except Exception as exc:
-            raise _failed(exc) from exc
 
     def write_batch(self, rows: list[Row], wal: bool) -> None:
         """Write rows as one atomic batch (the adaptive batch writer's sink)."""
@@ -217,10 +231,8 @@ class RocksStorage:
                 wb.delete(key, handles[cf])
             else:
                 wb.put(key, value, handles[cf])
-        try:
+        with _WRITING:
             self._db.write(wb, self._wopts[wal, False])
-        except Exception as exc:
-            raise _failed(exc) from exc
 
     def write_pairs(self, cf: str, keys: list[bytes], values: list[bytes], wal: bool) -> None:
         """Put keys[i] -> values[i] into one column family as one atomic batch.
@@ -230,27 +242,21 @@ class RocksStorage:
         wb = rocksdict.WriteBatch(raw_mode=True)
         wb.set_default_column_family(self.handles[cf])
         deque(map(wb.put, keys, values), maxlen=0)
-        try:
+        with _WRITING:
             self._db.write(wb, self._wopts[wal, False])
-        except Exception as exc:
-            raise _failed(exc) from exc
 
     # -- maintenance --------------------------------------------------------------------
     def flush(self, cfs: tuple[str, ...] = COLUMN_FAMILIES, wait: bool = True) -> None:
         """Write the memtables of these column families to SST files (durable) and wait;
         with wait=False only start it (RocksDB's background threads do the work)."""
-        try:
+        with _WRITING:
             for name in cfs:
                 self.cfs[name].flush(wait)
-        except Exception as exc:
-            raise _failed(exc) from exc
 
     def checkpoint(self, dest_dir: str) -> None:
         """A consistent copy of the whole database at dest_dir (hard links where possible)."""
-        try:
+        with _WRITING:      # it flushes the memtables first: that can fail as a write
             rocksdict.Checkpoint(self._db).create_checkpoint(dest_dir)
-        except Exception as exc:     # it flushes the memtables first: a failed write
-            raise _failed(exc) from exc
 
     def property_int(self, name: str, cf: str = "data") -> int:
         value = self.cfs[cf].property_int_value(name)
@@ -266,12 +272,10 @@ class RocksStorage:
         self._db = None
         self.cfs.clear()
         self.handles.clear()
-        try:
+        with _WRITING:
             for cf in cfs:
                 cf.close()
             db.close()
-        except Exception as exc:
-            raise _failed(exc) from exc
 
 
 def _options(cfg: dict, cache: rocksdict.Cache) -> rocksdict.Options:

@@ -77,6 +77,10 @@ hard_exit = os._exit
 # Free space is measured this often (statvfs, ~1 us): at 50 ms a shard writing 100 MB/s
 # uses 5 MB of the reserve between two looks.
 DISK_CHECK_SECS = 0.05
+# Ops that always write, refused whole while writes are (read-only, or low on space): a
+# checkpoint too, since RocksDB flushes every memtable to make one. commit (only with
+# writes) and block (only to a new height) decide in their handlers.
+WRITING_OPS = frozenset({m.PREPARE, m.FLUSH, m.PRUNE, m.CHECKPOINT})
 
 
 # ---------------------------------------------------------------- the worker
@@ -362,6 +366,9 @@ class ShardWorker:
             # A write of this pass failed (storage_failed answers it all): run nothing more.
             self.reply(peer, m.error(rid, "unavailable", "not run: a disk write failed", True))
             return
+        if op in WRITING_OPS and self.writes_refused:
+            self.reply(peer, m.error(rid, "unavailable", self.writes_refused, True))
+            return
         try:
             result = handler(peer, msg, received)
         except StorageWriteError as exc:
@@ -456,8 +463,6 @@ class ShardWorker:
         return m.ok(msg["rid"])
 
     def handle_prepare(self, peer, msg, received):
-        if self.writes_refused:
-            raise Unavailable(self.writes_refused)
         self.engine.prepare(m.int_field(msg, "txn"), m.int_field(msg, "ts"), msg["reads"], msg["writes"],
                             list(msg["participants"]))
         self.twopc["prepared"] += 1
@@ -594,8 +599,6 @@ class ShardWorker:
 
     def handle_flush(self, peer, msg, received):
         # The router sends this behind a commit barrier: freeze now so the cut is this point.
-        if self.writes_refused:
-            raise Unavailable(self.writes_refused)
         self.finish_flush()
         self.start_flush()
         rid = msg["rid"]
@@ -607,8 +610,6 @@ class ShardWorker:
         keep = self.keep_versions if keep is None else m.int_field(msg, "keep_versions")
         if keep < 1:
             raise BadRequest("keep_versions must be >= 1")
-        if self.writes_refused:
-            raise Unavailable(self.writes_refused)
         if self.prune_job is None:
             self.start_prune(keep)
         rid = msg["rid"]
@@ -622,8 +623,6 @@ class ShardWorker:
         return None
 
     def handle_checkpoint(self, peer, msg, received):
-        if self.writes_refused:     # RocksDB flushes every memtable to make one
-            raise Unavailable(self.writes_refused)
         result = self.engine.create_checkpoint(msg["dir"], m.int_field(msg, "ts"))
         return m.ok(msg["rid"], bytes=int(result.get("bytes", 0)))
 

@@ -1,8 +1,10 @@
 """`scripts/soak --duration 2m|1h|24h`: endurance run of a real node with invariants.
 
 Workload (one client, rounds one after another so every check is exact):
-transfers between accounts across shards (`get` + `batch`), a `block` per round (small
-`blocks_per_flush`, so auto-flush runs all the time), snapshot reads and paginated scans
+transfers between accounts across shards (`get` + `batch`), one txn creating new event
+keys and deleting the oldest ones (a state that creates and deletes keys all the time,
+at most EVENTS_LIVE live), a `block` per round (small `blocks_per_flush`, so auto-flush
+runs all the time), snapshot reads and paginated scans
 at one `at`, periodic checkpoints (the oldest deleted) and prunes (plus auto-prune), and
 a SIGKILL of a random shard pid (from `stats`) every --kill-every, and of the router every
 --kill-router-every. Kills come between rounds, right after a round was answered: the
@@ -14,6 +16,9 @@ Invariants, checked continuously; any violation makes the exit status 1:
   equal the node's balances exactly; a transfer with outcome "unknown" is resolved by
   reading its two accounts (applied or not, nothing in between);
 - commit_ts strictly increasing across acknowledged transfers;
+- deleted keys stay deleted and created ones stay: at every full check a scan of the
+  event keys must list exactly the live ones of the model (the event txn is idempotent,
+  so one with an unknown outcome is repeated until it is acknowledged);
 - bounded RSS with no upward trend (after warm-up) and bounded disk with pruning on;
 - at the end, with the load stopped: no prepared txn and no outcome record left on any
   shard (a leak there grows with every kill).
@@ -48,10 +53,17 @@ ACCOUNTS = 2_000
 INITIAL = 10_000
 PER_ROUND = 50
 PREFIX = b"acct"
+EVENT_PREFIX = b"evt"
+EVENTS_LIVE = 200          # event keys alive at once; each round deletes the oldest beyond it
+EVENT_VALUE = b"e" * 32
 
 
 def account(i: int) -> bytes:
     return PREFIX + b"%05d" % i
+
+
+def event_key(seq: int) -> bytes:
+    return EVENT_PREFIX + b"%012d" % seq
 
 
 def parse_duration(text: str) -> float:
@@ -110,8 +122,10 @@ class Soak:
         self.total = ACCOUNTS * INITIAL
         self.last_commit_ts = 0
         self.height = 0
+        self.events_live: list[bytes] = []         # the model's live event keys, oldest first
+        self.next_event = 0
         self.counts = {"committed": 0, "conflict": 0, "unavailable": 0, "unknown_resolved": 0, "kills": 0,
-                       "router_kills": 0,
+                       "router_kills": 0, "events_created": 0, "events_deleted": 0,
                        "checkpoints": 0, "prunes": 0, "scans": 0, "snapshot_reads": 0, "full_checks": 0}
         self.samples: list[dict] = []
         self.window_hist = Histogram()
@@ -181,6 +195,52 @@ class Soak:
         if unknown:
             self.resolve(unknown)
 
+    def event_round(self) -> None:
+        """Create events_per_round event keys and delete the oldest beyond EVENTS_LIVE, in
+        one txn of blind writes: the same writes again leave the same state, so a txn
+        whose outcome is unknown (a kill) is simply repeated until acknowledged."""
+        n = self.args.events_per_round
+        if n <= 0:
+            return
+        created = [event_key(self.next_event + i) for i in range(n)]
+        deleted = self.events_live[:max(0, len(self.events_live) + n - EVENTS_LIVE)]
+        writes = [[k, EVENT_VALUE] for k in created] + [[k, None] for k in deleted]
+        # conflict too: an attempt whose outcome is unknown may still hold its keys
+        # prepared until the router's recovery decides it
+        deadline = time.monotonic() + 60
+        while True:
+            reply = self.call("txn", retry_secs=max(0.0, deadline - time.monotonic()), writes=writes)
+            if (reply.get("ok") or reply["error"]["code"] not in ("unavailable", "conflict")
+                    or time.monotonic() > deadline):
+                break
+            time.sleep(0.05)
+        if not reply.get("ok"):
+            self.violations.add("availability", f"event txn failed: {reply.get('error')}")
+            return
+        self.next_event += n
+        self.events_live = self.events_live[len(deleted):] + created
+        self.counts["events_created"] += n
+        self.counts["events_deleted"] += len(deleted)
+
+    def check_events(self) -> None:
+        """A scan of the event keys lists exactly the model's live ones: a deleted key that
+        came back (a tombstone lost by a flush, a prune or a restart) or a created key
+        that went missing is a violation."""
+        scanned = self.scan_all(EVENT_PREFIX, "event scan")
+        if scanned is None:
+            return
+        seen = [k for k, _, _ in scanned[0]]
+        live = set(self.events_live)
+        came_back = [k for k in seen if k not in live]
+        if came_back:
+            self.violations.add("deleted keys stay deleted",
+                                f"{len(came_back)} event keys listed that were deleted or never "
+                                f"created, e.g. {came_back[:3]}")
+        missing = live.difference(seen)
+        if missing:
+            self.violations.add("no acknowledged transfer lost",
+                                f"{len(missing)} acknowledged event keys missing, e.g. {sorted(missing)[:3]}")
+
     def resolve(self, unknown) -> None:
         """Outcome unknown: the accounts now hold either the before or the after state."""
         keys = [k for a, b, _ in unknown for k in (a, b)]
@@ -216,6 +276,7 @@ class Soak:
                                 f"{len(wrong)} accounts differ from the ledger, e.g. {wrong[:3]}")
             for k, _, v in wrong:
                 self.model[k] = v or 0
+        self.check_events()
         self.counts["full_checks"] += 1
 
     def snapshot_read_and_scan(self) -> None:
@@ -228,10 +289,23 @@ class Soak:
             self.counts["snapshot_reads"] += 1
         elif got["error"]["code"] != "too_old":
             self.violations.add("availability", f"snapshot read failed: {got['error']}")
-        # paginated scan, every page at the first page's ts: one consistent cut
-        total, start, scan_at, seen = 0, None, None, 0
+        scanned = self.scan_all(PREFIX, "scan")
+        if scanned is None:
+            return
+        items, scan_at = scanned
+        seen, total = len(items), sum(int(v) for _, v, _ in items)
+        if seen != ACCOUNTS or total != self.total:
+            self.violations.add("total balance", f"scan at {scan_at}: {seen} accounts, total {total}")
+        self.counts["scans"] += 1
+
+    def scan_all(self, prefix: bytes, what: str) -> tuple[list, int] | None:
+        """(every [key, value, version] under prefix, the ts they were read at): a paged
+        scan, every page at the first page's ts, so one consistent cut. None when a page
+        failed: too_old (a prune passed the cut between pages) is expected, anything else
+        is an availability violation."""
+        items, start, scan_at = [], None, None
         while True:
-            fields = {"prefix": PREFIX, "limit": 500}
+            fields = {"prefix": prefix, "limit": 500}
             if start is not None:
                 fields["start"] = start
             if scan_at is not None:
@@ -239,18 +313,13 @@ class Soak:
             page = self.call("scan", **fields)
             if not page.get("ok"):
                 if page["error"]["code"] != "too_old":
-                    self.violations.add("availability", f"scan failed: {page['error']}")
-                return
+                    self.violations.add("availability", f"{what} failed: {page['error']}")
+                return None
             scan_at = page["ts"]
-            for k, v, _ in page["items"]:
-                total += int(v)
-                seen += 1
+            items += page["items"]
             if not page["more"] or not page["items"]:
-                break
+                return items, scan_at
             start = page["items"][-1][0] + b"\x00"
-        if seen != ACCOUNTS or total != self.total:
-            self.violations.add("total balance", f"scan at {scan_at}: {seen} accounts, total {total}")
-        self.counts["scans"] += 1
 
     def block(self) -> None:
         self.height += 1
@@ -377,6 +446,7 @@ class Soak:
         last_sample = started
         while time.monotonic() < end:
             self.transfer_round()
+            self.event_round()
             self.block()
             now = time.monotonic()
             if now >= next_at["check"]:
@@ -472,6 +542,7 @@ class Soak:
                        y2={"versions pruned": (ts, [r["versions_pruned"] for r in self.samples])},
                        y2label="versions")
         invariants = ["total balance", "no acknowledged transfer lost", "monotonic commit_ts", "atomic transfer",
+                      "deleted keys stay deleted",
                       "bounded RSS", "no RSS upward trend", "bounded disk", "bounded disk with pruning",
                       "availability", "2PC state settles", "graceful stop"]
         failed = {v["invariant"] for v in self.violations}
@@ -553,6 +624,8 @@ def main(argv=None) -> int:
     p.add_argument("--kill-every", type=float, default=30.0, help="SIGKILL a random shard this often (0 = never)")
     p.add_argument("--kill-router-every", type=float, default=300.0, help="SIGKILL the router this often (0 = never)")
     p.add_argument("--blocks-per-flush", type=int, default=20)
+    p.add_argument("--events-per-round", type=int, default=10,
+                   help="event keys created (and as many old ones deleted) per round (0 = none)")
     p.add_argument("--warmup", type=float, default=None, help="seconds ignored by the RSS/disk trend checks")
     p.add_argument("--max-rss-mb", type=float, default=2048)
     p.add_argument("--max-disk-mb", type=float, default=4096)

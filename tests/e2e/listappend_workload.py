@@ -232,18 +232,28 @@ class Worker(threading.Thread):
         code = reply["error"]["code"]
         return code == "unavailable" or (code == "too_old" and self.prune and at is not None)
 
-    def snapshot(self, keys: list, at=None) -> Read | None:
-        """A `get` of keys, recorded; None when it failed."""
-        fields = {"keys": keys} if at is None else {"keys": keys, "at": at}
+    def timed_read(self, op: str, at, **fields) -> tuple[dict, float, float] | None:
+        """Send a read op (`get`, `scan`; at `at` when not None): (its reply, sent, replied),
+        or None when it failed, which is recorded as progress and backed off from."""
+        if at is not None:
+            fields["at"] = at
         sent = time.monotonic()
-        reply = self.conn.call("get", **fields)
+        reply = self.conn.call(op, **fields)
         replied = time.monotonic()
         if reply is None or not reply["ok"]:
             if reply is not None and not self.expected_error(reply, at):
-                self.rec.unexpected_reply("get", reply)
+                self.rec.unexpected_reply(op, reply)
             self.rec.add()       # an op that failed is still progress (a shard is down)
             self.backoff()
             return None
+        return reply, sent, replied
+
+    def snapshot(self, keys: list, at=None) -> Read | None:
+        """A `get` of keys, recorded; None when it failed."""
+        answered = self.timed_read("get", at, keys=keys)
+        if answered is None:
+            return None
+        reply, sent, replied = answered
         lists = {k: (decode(v), ver) for k, v, ver in zip(keys, reply["values"], reply["versions"])}
         read = Read(self.rec.name("get"), reply["ts"], lists, at, sent, replied)
         self.rec.add(reads=[read])
@@ -315,16 +325,10 @@ class Worker(threading.Thread):
         at = None
         if self.rng.random() < 0.4:
             at = max(1, self.rng.choice(self.rec.ts_seen[-200:]))
-        fields = {"prefix": PREFIX} if at is None else {"prefix": PREFIX, "at": at}
-        sent = time.monotonic()
-        reply = self.conn.call("scan", **fields)
-        replied = time.monotonic()
-        if reply is None or not reply["ok"]:
-            if reply is not None and not self.expected_error(reply, at):
-                self.rec.unexpected_reply("scan", reply)
-            self.rec.add()
-            self.backoff()
+        answered = self.timed_read("scan", at, prefix=PREFIX)
+        if answered is None:
             return
+        reply, sent, replied = answered
         if reply["more"]:
             self.rec.add()
             return       # a partial page says nothing about the keys after it

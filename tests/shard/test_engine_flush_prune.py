@@ -7,6 +7,7 @@ import pytest
 from shard import commitlog as cl
 from shard.config import EngineConfig
 from shard.errors import TooOld
+from shard.keycodec import enc, split_version_key, untag, version_key
 
 
 def test_incremental_flush_with_commits_between_steps(open_engine):
@@ -152,6 +153,97 @@ def test_prune_keeps_newest_in_memory_and_on_disk_and_raises_horizon(open_engine
     e.close()
     e = open_engine()
     assert e.horizon == 5 and e.read([b"a", b"b1"], 6) == [(b"6", 6), (b"x", 1)]
+
+
+def _disk_rows(engine, key: bytes) -> list:
+    """(ts, value) of key's rows in `data`, newest first (value None = tombstone)."""
+    prefix = enc(key)
+    return [(split_version_key(vkey)[1], untag(row))
+            for vkey, row in engine.storage.iterate("data", prefix=prefix)
+            if vkey[:-8] == prefix]
+
+
+def test_prune_drops_a_deleted_keys_rows_with_its_tombstone_and_it_stays_deleted(open_engine):
+    """A delete used to stay on disk for good (the newest disk row was never dropped), so
+    a store that creates and deletes keys grew without bound and scans walked the dead
+    keys. A tombstone with nothing kept below it reads exactly as no row: it goes with
+    the rows it deleted, in one batch, and the key stays deleted across a restart."""
+    e = open_engine()
+    e.commit(1, [], [(b"a", b"1"), (b"b", b"1")])
+    e.commit(2, [], [(b"a", b"2")])
+    e.commit(3, [], [(b"a", None)])                    # a deleted
+    e.flush()
+    assert [ts for ts, _ in _disk_rows(e, b"a")] == [3, 2, 1]
+    assert e.prune(1) == 3                             # a@2, a@1 and the tombstone a@3
+    assert _disk_rows(e, b"a") == [] and _disk_rows(e, b"b") == [(1, b"1")]
+    assert e.read([b"a", b"b"], 3) == [(None, 0), (b"1", 1)]
+    assert e.scan(None, None, 10, 3) == ([(b"b", b"1", 1)], False)
+    assert e.stats()["keys"] == 1
+    # the horizon is what dropping a@2 and a@1 needs, no more: at 3 a reads as deleted
+    assert e.horizon == 3
+    e.commit(4, [(b"a", 0)], [(b"a", b"4")])          # read version 0: absent, as before
+    assert e.stats()["keys"] == 2
+    e.close()
+    e = open_engine()
+    assert e.read([b"a", b"b"], 4) == [(b"4", 4), (b"1", 1)] and e.stats()["keys"] == 2
+    e.commit(5, [], [(b"a", None)])
+    e.close()
+    e = open_engine()                                  # the delete replayed from the log
+    assert e.read([b"a"], 5) == [(None, 0)] and e.stats()["keys"] == 1
+
+
+def test_prune_keeps_a_tombstone_with_a_kept_version_below_it(open_engine):
+    """Only a tombstone with no survivor below it goes: one above a version a pinned
+    snapshot needs (or one of the `keep` newest) stays, or that version would read as
+    the key's current value."""
+    e = open_engine()
+    e.commit(1, [], [(b"a", b"1")])
+    e.commit(2, [], [(b"a", None)])
+    e.flush()
+    e.pin(1)
+    assert e.prune(1) == 0
+    assert [ts for ts, _ in _disk_rows(e, b"a")] == [2, 1]
+    assert e.read([b"a"], 1) == [(b"1", 1)] and e.read([b"a"], 2) == [(None, 0)]
+    e.unpin(1)
+    assert e.prune(2) == 0                             # keep 2: a@1 is one of them
+    assert e.read([b"a"], 2) == [(None, 0)]
+    assert e.prune(1) == 2
+    assert _disk_rows(e, b"a") == [] and e.read([b"a"], 2) == [(None, 0)]
+
+
+def test_a_delete_still_in_memory_keeps_the_row_it_deletes_on_disk(open_engine):
+    """The delete is not on disk yet: the live row below it is the newest disk row and
+    stays (a crash replays the delete on top of it), until a flush writes the tombstone."""
+    e = open_engine()
+    e.commit(1, [], [(b"a", b"1")])
+    e.flush()
+    e.commit(2, [], [(b"a", None)])
+    assert e.prune(1) == 0
+    assert _disk_rows(e, b"a") == [(1, b"1")] and e.read([b"a"], 2) == [(None, 0)]
+    e.flush()
+    assert e.prune(1) == 2 and _disk_rows(e, b"a") == []
+    assert e.read([b"a"], 2) == [(None, 0)] and e.stats()["keys"] == 0
+
+
+def test_keys_created_and_deleted_all_the_time_leave_no_rows_behind(open_engine):
+    """An event-sourced or VM state creates and deletes keys all the time: with flush and
+    prune running, the rows on disk stay those of the live keys."""
+    e = open_engine()
+    ts = 0
+    live = {}                                          # key -> (value, ts): the model
+    for round_ in range(20):
+        for i in range(50):
+            ts += 1
+            live[b"live-%d" % i] = (b"%d" % ts, ts)
+            e.commit(ts, [], [(b"tmp-%d-%d" % (round_, i), b"x" * 20), (b"live-%d" % i, b"%d" % ts)])
+        for i in range(50):
+            ts += 1
+            e.commit(ts, [], [(b"tmp-%d-%d" % (round_, i), None)])
+        e.flush()
+        e.prune(1)
+    assert sorted(vkey for vkey, _ in e.storage.iterate("data")) == sorted(
+        version_key(k, t) for k, (_, t) in live.items())   # one row per live key, no tmp key
+    assert e.scan(None, None, 100, ts) == ([(k, v, t) for k, (v, t) in sorted(live.items())], False)
 
 
 def test_a_flush_lets_rocksdb_delete_the_log_files_it_made_obsolete(open_engine, tmp_path):
