@@ -10,6 +10,7 @@ batch. The worker replies only after `sync()`, so nothing is acknowledged before
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import time
 
@@ -20,7 +21,7 @@ from .commitlog import CommitLog
 from .config import EngineConfig
 from .damage import ADVICE, DamagedDatabase
 from .errors import BadRequest, Blocked, Conflict, StorageMismatch, TooOld
-from .keycodec import MAX_TS, enc, split_version_key, untag, version_key
+from .keycodec import MAX_TS, TOMBSTONE, TS_BYTES, dec, enc, split_version_key, untag, version_key, version_suffix
 from .mvcc import ABSENT, RowCache, newest_at
 from .storage import StorageWriteError, open_db
 
@@ -258,23 +259,23 @@ class ShardEngine:
             return ABSENT
         return split_version_key(found[0])[1], untag(found[1])
 
-    def _version_at(self, key: bytes, at: int):
-        """(ts, value|None) of key as of snapshot `at`; ABSENT when none."""
+    def _resident_at(self, key: bytes, at: int):
+        """The newest (ts, value|None) of key at or below `at` in the memtables, else None
+        (memory versions are newer than disk rows: one found here is the answer)."""
         chain = self.active.get(key)
         if chain:
-            last = chain[-1]
-            if last[0] <= at:
-                return last
             found = newest_at(chain, at)
             if found is not None:
                 return found
         if self.frozen is not None:
             chain = self.frozen.get(key)
             if chain:
-                found = newest_at(chain, at)
-                if found is not None:
-                    return found
-        return self._disk_version(key, at)
+                return newest_at(chain, at)
+        return None
+
+    def _version_at(self, key: bytes, at: int):
+        """(ts, value|None) of key as of snapshot `at`; ABSENT when none."""
+        return self._resident_at(key, at) or self._disk_version(key, at)
 
     def _current_version(self, key: bytes) -> int:
         """The key's version for validation: commit_ts of its last write, 0 if deleted/absent."""
@@ -336,26 +337,57 @@ class ShardEngine:
             self._mem_sorted = sorted(keys)
         return self._mem_sorted
 
-    def _disk_keys(self, start: bytes | None, end: bytes | None):
-        """Distinct user keys with rows on disk in [start, end), in order."""
+    def _disk_live_at(self, start: bytes | None, end: bytes | None, at: int, budget: float):
+        """(key, (ts, value)) in key order for each key in [start, end) whose newest row on
+        disk at or below snapshot `at` is live (not a tombstone). One pass over the rows,
+        with no seek and no decoding per deleted key: the scan used to seek every key's
+        version separately, so a range of deleted keys (their rows stay on disk until a
+        prune) cost a seek each. After `budget` rows, at the next key, it yields
+        (that key, None) and stops: every key below it is answered."""
         start_enc = enc(start) if start else None
         stop_enc = enc(end) if end else None
-        previous = None
-        for vkey, _ in self.storage.iterate("data", start=start_enc, stop=stop_enc):
-            prefix = vkey[:-8]
-            if prefix != previous:
-                previous = prefix
-                yield split_version_key(vkey)[0]
+        floor = version_suffix(at)        # the rows at or below `at` sort at or after it
+        answered = last = None
+        examined = 0
+        for vkey, row in self.storage.iterate("data", start=start_enc, stop=stop_enc):
+            prefix = vkey[:-TS_BYTES]
+            if prefix != last:
+                if examined >= budget:    # only between keys: every slice passes one
+                    yield dec(prefix), None
+                    return
+                last = prefix
+            examined += 1
+            if prefix == answered or vkey[-TS_BYTES:] < floor:
+                continue
+            answered = prefix
+            if row != TOMBSTONE:
+                key, ts = split_version_key(vkey)
+                yield key, (ts, untag(row))
 
     def scan(self, start: bytes | None, end: bytes | None, limit: int, at: int):
         """Live keys in [start, end) as of `at`, bytewise order, at most `limit`;
-        returns (items [(key, value, version)], more). An empty bound is no bound, on
-        every path below: the lock check read b"" as an empty range while the memtable and
-        disk iterators read it as unbounded (the protocol refuses an empty `end`, but the
-        engine must not depend on that)."""
-        self._check_snapshot(at)
+        returns (items [(key, value, version)], more)."""
         if type(limit) is not int or limit < 1:
             raise BadRequest("limit must be an int >= 1")
+        items, more, _ = self.scan_slice(start, end, limit, at)
+        return items, more
+
+    def scan_slice(self, start: bytes | None, end: bytes | None, limit: int, at: int,
+                   budget: float = math.inf):
+        """scan, stopping after about `budget` rows on disk: (items, more, resume), where
+        resume is None when the scan is complete, else the key to go on from (every live
+        key in [start, resume) is in items). A range of deleted keys not yet pruned is
+        rows to walk with nothing to list: the worker scans it a slice per loop pass so
+        that it keeps answering (a scan of seconds made the router count it dead).
+        limit 0 lists nothing and tells whether a live key follows (a slice that ran out
+        of budget right after its limit-th item leaves that to the next one).
+
+        An empty bound is no bound, on every path below: the lock check read b"" as an
+        empty range while the memtable and disk iterators read it as unbounded (the
+        protocol refuses an empty `end`, but the engine must not depend on that)."""
+        self._check_snapshot(at)
+        if type(limit) is not int or limit < 0:
+            raise BadRequest("limit must be an int >= 0")
         start = start or None
         end = end or None
         if self.locks:
@@ -368,23 +400,28 @@ class ShardEngine:
         i = bisect.bisect_left(mem, start) if start else 0
         j = bisect.bisect_left(mem, end) if end else len(mem)
         mem_iter = iter(mem[i:j])
-        disk_iter = self._disk_keys(start, end)
+        disk_iter = self._disk_live_at(start, end, at, budget)
+        resident_at = self._resident_at
         items = []
         m = next(mem_iter, None)
-        d = next(disk_iter, None)
+        d = next(disk_iter, None)       # (key, its newest disk version at `at`, live)
         while m is not None or d is not None:
-            if d is None or (m is not None and m < d):
-                key, m = m, next(mem_iter, None)
-            elif m is None or d < m:
-                key, d = d, next(disk_iter, None)
+            if d is not None and d[1] is None and (m is None or m >= d[0]):
+                return items, True, d[0]             # out of budget at d[0]
+            if d is None or (m is not None and m < d[0]):
+                # no live disk row at or below `at` (the disk pass would have named it)
+                key, version, m = m, resident_at(m, at) or ABSENT, next(mem_iter, None)
+            elif m is None or d[0] < m:
+                (key, version), d = d, next(disk_iter, None)
             else:
-                key, m, d = m, next(mem_iter, None), next(disk_iter, None)
-            ts, value = self._version_at(key, at)
+                key, version = m, resident_at(m, at) or d[1]
+                m, d = next(mem_iter, None), next(disk_iter, None)
+            ts, value = version
             if value is not None:
                 if len(items) == limit:
-                    return items, True
+                    return items, True, None
                 items.append((key, value, ts))
-        return items, False
+        return items, False, None
 
     def validate(self, reads) -> None:
         """Raise Conflict listing every read key whose version changed or that a prepared

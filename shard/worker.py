@@ -77,6 +77,17 @@ hard_exit = os._exit
 # Free space is measured this often (statvfs, ~1 us): at 50 ms a shard writing 100 MB/s
 # uses 5 MB of the reserve between two looks.
 DISK_CHECK_SECS = 0.05
+# A scan walks at most this many rows on disk per loop pass (~10 ms), then goes on in the
+# next pass: a range of deleted keys not yet pruned has rows to walk and nothing to list,
+# and a scan over a few hundred thousand of them took seconds in one go, during which the
+# shard answered nothing (the router counted it dead and the supervisor restarted it).
+SCAN_SLICE_ROWS = 5_000
+# How long a scan may go on before it is answered `unavailable` (the router answers the
+# client at its request_timeout_secs, 5 s by default, anyway).
+SCAN_DEADLINE_SECS = 30.0
+# A going scan's message keeps the items of its earlier slices under this key, one no
+# decoded message can hold.
+SCANNED_SO_FAR = object()
 # Ops that always write, refused whole while writes are (read-only, or low on space): a
 # checkpoint too, since RocksDB flushes every memtable to make one. commit (only with
 # writes) and block (only to a new height) decide in their handlers.
@@ -86,11 +97,16 @@ WRITING_OPS = frozenset({m.PREPARE, m.FLUSH, m.PRUNE, m.CHECKPOINT})
 # ---------------------------------------------------------------- the worker
 
 class Deferred:
-    """A read waiting for a prepared txn's outcome, with its snapshot pinned."""
-    __slots__ = ("peer", "msg", "deadline", "pin")
+    """A read waiting for a prepared txn's outcome, or a scan going on a slice per loop
+    pass, with its snapshot pinned; `late`: the answer once past its deadline."""
+    __slots__ = ("peer", "msg", "deadline", "pin", "late")
 
-    def __init__(self, peer, msg, deadline, pin):
-        self.peer, self.msg, self.deadline, self.pin = peer, msg, deadline, pin
+    def __init__(self, peer, msg, deadline, pin, late):
+        self.peer, self.msg, self.deadline, self.pin, self.late = peer, msg, deadline, pin, late
+
+
+class ScanContinues(Exception):
+    """A retried scan ran out of its slice again: it stays deferred, for the next pass."""
 
 
 class ShardWorker:
@@ -441,14 +457,30 @@ class ShardWorker:
         return m.ok(msg["rid"], values=[v for v, _ in rows], versions=[ver for _, ver in rows])
 
     def handle_scan(self, peer, msg, received, retry=False):
+        limit = m.int_field(msg, "limit")
+        found = msg.get(SCANNED_SO_FAR)
+        if found is None and limit < 1:
+            raise BadRequest("limit must be an int >= 1")
         try:
-            items, more = self.engine.scan(msg.get("start"), msg.get("end"),
-                                           m.int_field(msg, "limit"), m.int_field(msg, "at"))
+            items, more, resume = self.engine.scan_slice(
+                msg.get("start"), msg.get("end"), limit, m.int_field(msg, "at"), SCAN_SLICE_ROWS)
         except Blocked:
             if retry:
                 raise
             return self.defer(peer, msg, received)
-        return m.ok(msg["rid"], items=[list(it) for it in items], more=more)
+        if found:
+            items = found + items
+        if resume is None:
+            return m.ok(msg["rid"], items=[list(it) for it in items], more=more)
+        # Out of its slice: go on from `resume` in the next pass, the snapshot pinned. The
+        # message is the shard's own copy: it carries the progress.
+        msg["start"] = resume
+        msg["limit"] = limit - (len(items) - len(found or ()))
+        msg[SCANNED_SO_FAR] = items
+        self.unblocked = True                   # retry_deferred runs it next pass
+        if retry:
+            raise ScanContinues()
+        return self.defer(peer, msg, received, SCAN_DEADLINE_SECS, "scan ran too long")
 
     def handle_validate(self, peer, msg, received):
         self.engine.validate(msg["reads"])
@@ -720,11 +752,12 @@ class ShardWorker:
 
     # -- deferred reads
 
-    def defer(self, peer, msg, received):
+    def defer(self, peer, msg, received, wait: float | None = None,
+              late: str = "read waited too long on a prepared transaction"):
         at = m.int_field(msg, "at")
         pin = self.engine.pin(at)
-        self.deferred.append(Deferred(peer, msg, received + self.read_wait,
-                                      at if pin is None else pin))
+        wait = self.read_wait if wait is None else wait
+        self.deferred.append(Deferred(peer, msg, received + wait, at if pin is None else pin, late))
         return None
 
     def retry_deferred(self, now: float) -> None:
@@ -736,8 +769,7 @@ class ShardWorker:
         for d in waiting:
             before = len(self.deferred)
             if d.deadline <= now:
-                self.reply(d.peer, m.error(d.msg.get("rid"), "unavailable",
-                                           "read waited too long on a prepared transaction", True))
+                self.reply(d.peer, m.error(d.msg.get("rid"), "unavailable", d.late, True))
             else:
                 self.dispatch_retry(d)
             if len(self.deferred) == before:  # answered (not deferred again): release the pin
@@ -752,7 +784,7 @@ class ShardWorker:
             # retry=True: still blocked raises Blocked instead of deferring it anew, so
             # it keeps its deadline and pin
             result = handler(d.peer, d.msg, 0.0, retry=True)
-        except Blocked:
+        except (Blocked, ScanContinues):
             self.deferred.append(d)
         except StorageWriteError:
             raise
@@ -824,6 +856,8 @@ class ShardWorker:
     def poll_timeout_ms(self) -> int:
         """Do not sleep while background work has a next slice; while a flush only waits
         for RocksDB's background threads, look again soon without spinning a core."""
+        if self.unblocked and self.deferred:
+            return 0                # a scan goes on (or a prepared txn ended): no sleep
         if not self.background_pending:
             return POLL_MS
         engine = self.engine
