@@ -85,6 +85,7 @@ SCAN_SLICE_ROWS = 5_000
 # How long a scan may go on before it is answered `unavailable` (the router answers the
 # client at its request_timeout_secs, 5 s by default, anyway).
 SCAN_DEADLINE_SECS = 30.0
+SCAN_LATE = "scan ran too long"
 # A going scan's message keeps the items of its earlier slices under this key, one no
 # decoded message can hold.
 SCANNED_SO_FAR = object()
@@ -480,7 +481,7 @@ class ShardWorker:
         self.unblocked = True                   # retry_deferred runs it next pass
         if retry:
             raise ScanContinues()
-        return self.defer(peer, msg, received, SCAN_DEADLINE_SECS, "scan ran too long")
+        return self.defer(peer, msg, received, SCAN_DEADLINE_SECS, SCAN_LATE)
 
     def handle_validate(self, peer, msg, received):
         self.engine.validate(msg["reads"])
@@ -784,7 +785,13 @@ class ShardWorker:
             # retry=True: still blocked raises Blocked instead of deferring it anew, so
             # it keeps its deadline and pin
             result = handler(d.peer, d.msg, 0.0, retry=True)
-        except (Blocked, ScanContinues):
+        except Blocked:
+            self.deferred.append(d)
+        except ScanContinues:
+            if d.late != SCAN_LATE:
+                # a scan deferred on a prepared key, now going on in slices: a scan's
+                # deadline from here, not what was left of the read wait
+                d.deadline, d.late = time.monotonic() + SCAN_DEADLINE_SECS, SCAN_LATE
             self.deferred.append(d)
         except StorageWriteError:
             raise

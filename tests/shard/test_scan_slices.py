@@ -116,3 +116,30 @@ def test_a_scan_past_its_deadline_is_unavailable_and_releases_its_snapshot(boote
     assert not reply["ok"] and reply["error"]["code"] == "unavailable"
     assert reply["error"]["message"] == "scan ran too long" and reply["error"]["retryable"]
     assert w.engine.pins == {}
+
+
+def test_a_scan_deferred_on_a_prepared_key_gets_a_scans_deadline_once_it_goes_on(booted_worker, monkeypatch):
+    """Deferred on a prepared key, a scan has the read wait (1 s by default) to be unblocked;
+    once it goes on in slices it has a scan's deadline, or a long range would be answered
+    "read waited too long on a prepared transaction" half-way."""
+    monkeypatch.setattr(worker_module, "SCAN_SLICE_ROWS", 10)
+    w = booted_worker(dict(CONFIG, router={"read_wait_secs": 5.0}))
+    txn = fill(w.engine) + 1
+    peer = Peer()
+
+    def send(msg):
+        w.handle_frame(peer, m.pack(dict(msg, inc=w.inc)), time.monotonic())
+        w.finish_pass()
+    send({"op": m.TXNS, "rid": 1, "items": [[m.ITEM_PREPARE, txn, [], [[b"k050", b"x"]], [0]]]})
+    send({"op": m.SCAN, "rid": 2, "start": None, "end": None, "limit": 1000, "at": txn})
+    [d] = w.deferred
+    assert d.deadline <= time.monotonic() + 5.0 and d.late != worker_module.SCAN_LATE
+    send({"op": m.TXNS, "rid": 3, "items": [[m.ITEM_ABORT_PREPARED, txn]]})
+    [d] = w.deferred                                     # unblocked: going on in slices
+    assert d.late == worker_module.SCAN_LATE
+    assert d.deadline > time.monotonic() + worker_module.SCAN_DEADLINE_SECS - 5.0
+    while not any(r["rid"] == 2 for r in peer.replies):
+        w.finish_pass()
+    [reply] = [r for r in peer.replies if r["rid"] == 2]
+    assert reply["ok"] and reply["items"] == [list(it) for it in w.engine.scan(None, None, 1000, txn)[0]]
+    assert w.engine.pins == {}
