@@ -135,16 +135,19 @@ class Soak:
         self.samples_log = None                    # samples.jsonl, one JSON object per sample
 
     # -- requests with retry on `unavailable` --------------------------------------------
-    def call(self, op: str, retry_secs: float = 30.0, **fields) -> dict:
+    def call(self, op: str, retry_secs: float = 30.0, retry_on: tuple = ("unavailable",), **fields) -> dict:
+        """The reply to op, asked again every 50 ms for up to retry_secs while its error
+        code is one of retry_on (only `unavailable` retries are counted)."""
         deadline = time.monotonic() + retry_secs
         while True:
             try:
                 reply = self.conn.call(op, **fields)
             except TimeoutError:
                 reply = {"ok": False, "error": {"code": "unavailable", "message": "client timeout"}}
-            if reply.get("ok") or reply["error"]["code"] != "unavailable" or time.monotonic() > deadline:
+            if reply.get("ok") or reply["error"]["code"] not in retry_on or time.monotonic() > deadline:
                 return reply
-            self.counts["unavailable"] += 1
+            if reply["error"]["code"] == "unavailable":
+                self.counts["unavailable"] += 1
             time.sleep(0.05)
 
     # -- workload steps -----------------------------------------------------------------
@@ -207,13 +210,7 @@ class Soak:
         writes = [[k, EVENT_VALUE] for k in created] + [[k, None] for k in deleted]
         # conflict too: an attempt whose outcome is unknown may still hold its keys
         # prepared until the router's recovery decides it
-        deadline = time.monotonic() + 60
-        while True:
-            reply = self.call("txn", retry_secs=max(0.0, deadline - time.monotonic()), writes=writes)
-            if (reply.get("ok") or reply["error"]["code"] not in ("unavailable", "conflict")
-                    or time.monotonic() > deadline):
-                break
-            time.sleep(0.05)
+        reply = self.call("txn", retry_secs=60, retry_on=("unavailable", "conflict"), writes=writes)
         if not reply.get("ok"):
             self.violations.add("availability", f"event txn failed: {reply.get('error')}")
             return

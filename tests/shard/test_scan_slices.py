@@ -10,7 +10,7 @@ import pytest
 
 from shard import messages as m
 from shard import worker as worker_module
-from tests.shard.stand_in_peer import Peer
+from tests.shard.stand_in_peer import Peer, answer, send
 
 CONFIG = {"flush": {"flush_on_start": False}, "prune": {"auto_interval_secs": 0},
           "node": {"busy_poll_us": 0}}
@@ -32,6 +32,11 @@ def fill(engine, start_ts=1):
                   + [(b"k%03d" % i, None) for i in range(0, 120, 27)] + [(b"j", b"1"), (b"z", b"2")])
     engine.sync()
     return ts
+
+
+def whole_scan(at: int) -> dict:
+    """The message of a shard scan of every key at snapshot `at` (rid 1 unless set)."""
+    return {"op": m.SCAN, "rid": 1, "start": None, "end": None, "limit": 1000, "at": at}
 
 
 def scan_in_slices(engine, start, end, limit, at, budget):
@@ -64,21 +69,18 @@ def test_a_shard_answers_pings_while_a_long_scan_goes_on_and_the_scan_is_exact(b
     at = fill(w.engine)
     expected = [list(it) for it in w.engine.scan(None, None, 1000, at)[0]]
     peer = Peer()
-    w.handle_frame(peer, m.pack({"op": m.SCAN, "rid": 1, "inc": w.inc, "start": None, "end": None,
-                                 "limit": 1000, "at": at}), time.monotonic())
-    w.finish_pass()
+    send(w, peer, whole_scan(at))
     assert peer.replies == [] and w.engine.pins == {at: 1}
     passes = 1
     while not peer.replies:
         # a ping sent while the scan goes on is answered in the next pass
-        w.handle_frame(peer, m.pack({"op": m.PING, "rid": 100 + passes, "inc": w.inc}), time.monotonic())
-        w.finish_pass()
+        send(w, peer, {"op": m.PING}, rid=100 + passes)
         passes += 1
         assert passes < 100
         if len(peer.replies) == 1:
             assert peer.replies.pop()["rid"] == 100 + passes - 1
     assert w.poll_timeout_ms() > 0 and passes > 5        # done: the loop sleeps again
-    [reply] = [r for r in peer.replies if r["rid"] == 1]
+    reply = answer(peer, 1)
     assert reply["ok"] and reply["items"] == expected and reply["more"] is False
     assert w.engine.pins == {}
 
@@ -91,9 +93,7 @@ def test_a_going_scan_keeps_its_snapshot_through_a_prune(booted_worker, monkeypa
     at = fill(w.engine)
     expected = [list(it) for it in w.engine.scan(None, None, 1000, 1)[0]]     # the first state
     peer = Peer()
-    w.handle_frame(peer, m.pack({"op": m.SCAN, "rid": 1, "inc": w.inc, "start": None, "end": None,
-                                 "limit": 1000, "at": 1}), time.monotonic())
-    w.finish_pass()
+    send(w, peer, whole_scan(1))
     w.engine.flush()
     assert w.engine.prune(1) > 0 and w.engine.horizon > 1
     while not peer.replies:
@@ -109,9 +109,7 @@ def test_a_scan_past_its_deadline_is_unavailable_and_releases_its_snapshot(boote
     w = booted_worker(CONFIG)
     at = fill(w.engine)
     peer = Peer()
-    w.handle_frame(peer, m.pack({"op": m.SCAN, "rid": 1, "inc": w.inc, "start": None, "end": None,
-                                 "limit": 1000, "at": at}), time.monotonic())
-    w.finish_pass()
+    send(w, peer, whole_scan(at))
     [reply] = peer.replies
     assert not reply["ok"] and reply["error"]["code"] == "unavailable"
     assert reply["error"]["message"] == "scan ran too long" and reply["error"]["retryable"]
@@ -126,20 +124,16 @@ def test_a_scan_deferred_on_a_prepared_key_gets_a_scans_deadline_once_it_goes_on
     w = booted_worker(dict(CONFIG, router={"read_wait_secs": 5.0}))
     txn = fill(w.engine) + 1
     peer = Peer()
-
-    def send(msg):
-        w.handle_frame(peer, m.pack(dict(msg, inc=w.inc)), time.monotonic())
-        w.finish_pass()
-    send({"op": m.TXNS, "rid": 1, "items": [[m.ITEM_PREPARE, txn, [], [[b"k050", b"x"]], [0]]]})
-    send({"op": m.SCAN, "rid": 2, "start": None, "end": None, "limit": 1000, "at": txn})
+    send(w, peer, {"op": m.TXNS, "items": [[m.ITEM_PREPARE, txn, [], [[b"k050", b"x"]], [0]]]}, rid=1)
+    send(w, peer, whole_scan(txn), rid=2)
     [d] = w.deferred
     assert d.deadline <= time.monotonic() + 5.0 and d.late != worker_module.SCAN_LATE
-    send({"op": m.TXNS, "rid": 3, "items": [[m.ITEM_ABORT_PREPARED, txn]]})
+    send(w, peer, {"op": m.TXNS, "items": [[m.ITEM_ABORT_PREPARED, txn]]}, rid=3)
     [d] = w.deferred                                     # unblocked: going on in slices
     assert d.late == worker_module.SCAN_LATE
     assert d.deadline > time.monotonic() + worker_module.SCAN_DEADLINE_SECS - 5.0
     while not any(r["rid"] == 2 for r in peer.replies):
         w.finish_pass()
-    [reply] = [r for r in peer.replies if r["rid"] == 2]
+    reply = answer(peer, 2)
     assert reply["ok"] and reply["items"] == [list(it) for it in w.engine.scan(None, None, 1000, txn)[0]]
     assert w.engine.pins == {}

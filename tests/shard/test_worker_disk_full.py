@@ -14,7 +14,7 @@ from shard import worker as worker_module
 from shard.engine import ShardEngine
 from shard.config import EngineConfig
 from shard.storage import StorageWriteError
-from tests.shard.stand_in_peer import Peer
+from tests.shard.stand_in_peer import Peer, answer
 from tests.tmpfs import fill
 
 BIG = b"v" * (256 << 10)     # a log record that needs fresh pages of the tmpfs
@@ -31,12 +31,6 @@ def send(w, peer, msg, rid, inc=True):
     if inc:
         msg.setdefault("inc", w.inc)
     w.handle_frame(peer, m.pack(msg), time.monotonic())
-
-
-def answer(peer, rid) -> dict:
-    found = [r for r in peer.replies if r.get("rid") == rid]
-    assert len(found) == 1, (rid, peer.replies)
-    return found[0]
 
 
 def abandon(w) -> None:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from shard import messages as m
-from tests.shard.stand_in_peer import Peer
+from tests.shard.stand_in_peer import Peer, answer, send
 from shard import worker as worker_module
 from shard.link import HEADER
 
@@ -24,22 +24,6 @@ CONFIG = {"flush": {"flush_on_start": False}, "prune": {"auto_interval_secs": 0}
 @pytest.fixture
 def worker(booted_worker):
     return booted_worker(CONFIG)
-
-
-def send(w, peer, msg, rid=None, inc=True):
-    """One frame through handle_frame, then the pass's sync and replies (as loop_pass)."""
-    if rid is not None:
-        msg["rid"] = rid
-    if inc:
-        msg.setdefault("inc", w.inc)
-    w.handle_frame(peer, m.pack(msg), time.monotonic())
-    w.finish_pass()
-
-
-def answer(peer, rid) -> dict:
-    found = [r for r in peer.replies if r.get("rid") == rid]
-    assert len(found) == 1, (rid, peer.replies)
-    return found[0]
 
 
 def prepare_k(w, peer, txn=10):
